@@ -1,0 +1,31 @@
+"""funcnet: networks as chains of progressive layer functions, with an explicit backward pass.
+
+    z_{i+1} = g_i(w_i; z_i),  i = 1..L,   z_1 = x,   loss = l_y(z_{L+1})
+
+Reverse mode is library code you can read (``funcnet._reverse``): the forward pass records
+each layer's pullback, the backward pass computes p_i = A_i^T q_{i+1} and
+q_i = B_i^T q_{i+1} layer by layer. See the README for a tour.
+"""
+
+from funcnet import losses
+from funcnet._activations import gelu, identity, leaky_relu, relu, sigmoid, softplus, tanh
+from funcnet._chain import Chain, Residual, chain, residual
+from funcnet._checks import GradCheckReport, GradientCheckError, LayerCheck, check_grads
+from funcnet._dense import Dense, dense
+from funcnet._errors import LayerError
+from funcnet._forward import jvp
+from funcnet._jacobians import jacobian, layer_jacobians
+from funcnet._layer import Layer, layer
+from funcnet._per_example import per_example_grads
+from funcnet._reshape import flatten
+from funcnet._reverse import Backprop, backprop, grad, value_and_grad, vjp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backprop", "Chain", "Dense", "GradCheckReport", "GradientCheckError", "Layer",
+    "LayerCheck", "LayerError", "Residual", "backprop", "chain", "check_grads", "dense",
+    "flatten", "gelu", "grad", "identity", "jacobian", "jvp", "layer", "layer_jacobians",
+    "leaky_relu", "losses", "per_example_grads", "relu", "residual", "sigmoid", "softplus",
+    "tanh", "value_and_grad", "vjp",
+]

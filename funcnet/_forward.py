@@ -1,0 +1,94 @@
+"""Forward mode: per-layer ``jax.jvp`` composed along the chain.
+
+For tangents (dw_1..dw_L) of the params and dz_1 of the input, the tangent of each
+layer's output is
+
+    dz_{i+1} = A_i dw_i + B_i dz_i,
+
+one Jacobian-vector product of g_i at (w_i, z_i), carried up the chain alongside the
+primal values. A tangent given as ``None`` is zero and skipped (not multiplied through).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from funcnet._chain import Chain, Residual
+from funcnet._errors import LayerError, Path, shape_str
+from funcnet._inputs import check_batch
+from funcnet._layer import Layer, check_tree_like
+
+
+def layer_jvp(layer: Layer, params, z, params_dot, z_dot):
+    """``(z_next, z_next_dot)`` with ``z_next_dot = A params_dot + B z_dot``.
+
+    ``params_dot`` or ``z_dot`` may be ``None`` (a zero tangent); the result tangent is
+    ``None`` when both are.
+    """
+    if isinstance(layer, Chain):
+        dots = (None,) * len(layer.layers) if params_dot is None else params_dot
+        for item, item_params, item_dot in zip(layer.layers, params, dots):
+            z, z_dot = layer_jvp(item, item_params, z, item_dot, z_dot)
+        return z, z_dot
+    if isinstance(layer, Residual):
+        out, out_dot = layer_jvp(layer.inner, params, z, params_dot, z_dot)
+        if z_dot is None or out_dot is None:
+            return z + out, z_dot if out_dot is None else out_dot
+        return z + out, z_dot + out_dot
+    if params_dot is None and z_dot is None:
+        return layer.apply(params, z), None
+    if params_dot is None:
+        return jax.jvp(lambda z_: layer.apply(params, z_), (z,), (z_dot,))
+    if z_dot is None:
+        return jax.jvp(lambda w_: layer.apply(w_, z), (params,), (params_dot,))
+    return jax.jvp(layer.apply, (params, z), (params_dot, z_dot))
+
+
+def jvp(net: Layer, params, x, params_dot=None, x_dot=None):
+    """``(out, out_dot)``: the network's output and its directional derivative.
+
+    ``out_dot = J_w params_dot + J_x x_dot``, computed layer by layer (forward mode),
+    never forming a Jacobian.
+
+    Args:
+      net: a layer (usually a chain); params: its params; x: inputs (B, *in_shape).
+      params_dot: a tangent with the structure, shapes and dtypes of params, or ``None``
+        for zero (input sensitivities only).
+      x_dot: a tangent shaped like x, or ``None`` for zero (parameter directions only).
+
+    Returns:
+      ``out`` (B, *out_shape) and ``out_dot`` of the same shape.
+    """
+    check_batch(net, params, x)
+    if params_dot is not None:
+        check_tangent_params(net, params, params_dot)
+    if x_dot is not None and (jnp.shape(x_dot) != jnp.shape(x)
+                              or jnp.result_type(x_dot) != jnp.result_type(x)):
+        raise LayerError(
+            f"x_dot has shape {shape_str(jnp.shape(x_dot))} and dtype "
+            f"{jnp.result_type(x_dot)}, but the tangent of x must match x: shape "
+            f"{shape_str(jnp.shape(x))}, dtype {jnp.result_type(x)}."
+        )
+    out, out_dot = layer_jvp(net, params, x, params_dot, x_dot)
+    return out, jnp.zeros_like(out) if out_dot is None else out_dot
+
+
+def check_tangent_params(net: Layer, params, params_dot, path: Path = ()) -> None:
+    """Raises LayerError, naming the layer, where params_dot differs from params."""
+    hint = "A tangent must have the structure, shapes and dtypes of the primal params."
+    if isinstance(net, Chain):
+        if not isinstance(params_dot, tuple) or len(params_dot) != len(net.layers):
+            raise LayerError(
+                f"params_dot must be a tuple of {len(net.layers)} entries like params, got "
+                f"{type(params_dot).__name__}"
+                + (f" of {len(params_dot)} entries" if isinstance(params_dot, tuple) else "")
+                + f". {hint}",
+                path,
+            )
+        for index, (item, p, p_dot) in enumerate(zip(net.layers, params, params_dot)):
+            check_tangent_params(item, p, p_dot, path + ((index, item.name),))
+    elif isinstance(net, Residual):
+        check_tangent_params(net.inner, params, params_dot, path + ((0, net.inner.name),))
+    else:
+        check_tree_like(params, params_dot, path, "params_dot", hint, check_dtype=True)

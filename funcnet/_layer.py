@@ -1,0 +1,214 @@
+"""The layer type: a progressive layer function g(w; z) with its parameter initialiser.
+
+A layer is a pair of pure functions plus a name::
+
+    init(key, in_shape) -> (params, out_shape)    # shapes exclude the batch axis
+    apply(params, z)    -> z_next                 # z carries a leading batch axis
+
+``apply`` is g_i(w_i; z_i) of the lecture notes, batched: for z of shape (B, *in_shape)
+it returns z_next of shape (B, *out_shape), and example b of the output depends only on
+example b of the input. Layers are immutable and hashable, so they can be passed to
+``jax.jit`` as static arguments and used as dictionary keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from funcnet._errors import LayerError, Path, shape_str
+
+Shape = Tuple[int, ...]
+Params = Any
+InitFn = Callable[[jax.Array, Shape], Tuple[Params, Shape]]
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+
+
+class Layer:
+    """A progressive layer function ``z_next = apply(params, z)`` and its initialiser.
+
+    Args:
+      init: ``init(key, in_shape) -> (params, out_shape)``; ``params`` is any pytree of
+        arrays (``()`` for a layer without parameters); shapes exclude the batch axis.
+      apply: ``apply(params, z) -> z_next``, pure, for ``z`` of shape ``(B, *in_shape)``.
+      name: shown in error messages and summaries.
+
+    Two layers are equal when they are of the same kind with equal settings (built-ins)
+    or hold the same ``init`` and ``apply`` functions and name (layers built here), so
+    rebuilding a network does not make ``jax.jit`` retrace.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, funcnet as fnet
+      >>> def init(key, in_shape):
+      ...     return {"scale": jnp.ones(in_shape)}, in_shape
+      >>> scale = fnet.Layer(init, lambda p, z: p["scale"] * z, name="scale")
+      >>> params, out_shape = scale.init(jax.random.key(0), (3,))
+      >>> out_shape
+      (3,)
+    """
+
+    __slots__ = ("_init_fn", "_apply_fn", "name")
+
+    def __init__(self, init: InitFn, apply: ApplyFn, name: str = "layer"):
+        if not callable(init) or not callable(apply):
+            raise TypeError(
+                f"Layer(init, apply, name) needs two callables; got init={init!r}, "
+                f"apply={apply!r}."
+            )
+        object.__setattr__(self, "_init_fn", init)
+        object.__setattr__(self, "_apply_fn", apply)
+        object.__setattr__(self, "name", str(name))
+
+    def __setattr__(self, key, value):
+        raise dataclasses.FrozenInstanceError(f"layers are immutable; cannot set {key!r}")
+
+    def init(self, key: jax.Array, in_shape: Shape) -> Tuple[Params, Shape]:
+        """``(params, out_shape)`` for inputs of per-example shape ``in_shape``."""
+        params, out_shape = self._init_fn(key, tuple(in_shape))
+        return params, tuple(out_shape)
+
+    def apply(self, params: Params, z: jax.Array) -> jax.Array:
+        """``g(params; z)`` for a batch ``z`` of shape ``(B, *in_shape)``."""
+        return self._apply_fn(params, z)
+
+    def __call__(self, params: Params, z: jax.Array) -> jax.Array:
+        return self.apply(params, z)
+
+    def check(self, params: Params, in_shape: Shape, path: Path = ()) -> Shape:
+        """Checks ``params`` against what ``init`` builds for ``in_shape``; returns out_shape.
+
+        Works on static shapes only (``jax.eval_shape`` of ``init``, cached per layer and
+        shape), so a jitted caller pays nothing at run time. Raises :class:`LayerError`
+        naming the layer by ``path``.
+        """
+        expected, out_shape = abstract_init(self, tuple(in_shape), path)
+        check_tree_like(expected, params, path, "params", _rebuild_hint(in_shape))
+        return out_shape
+
+    def _fields(self):
+        return (self._init_fn, self._apply_fn, self.name)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self._fields() == other._fields()
+
+    def __hash__(self):
+        return hash((type(self), self._fields()))
+
+    def __repr__(self):
+        return f"Layer({self.name})"
+
+
+def _rebuild_hint(in_shape: Shape) -> str:
+    return (
+        f"Either the input's per-example shape {shape_str(in_shape)} is not the one the "
+        f"params were built for, or the params belong to another network. Rebuild them "
+        f"with net.init(key, {shape_str(in_shape)}), or pass inputs of the shape used at init."
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _abstract_init_cached(layer: Layer, in_shape: Shape):
+    box = {}
+
+    def params_only(key):
+        params, out_shape = layer.init(key, in_shape)
+        box["out_shape"] = tuple(int(d) for d in out_shape)
+        return params
+
+    params = jax.eval_shape(params_only, jax.random.key(0))
+    return params, box["out_shape"]
+
+
+def abstract_init(layer: Layer, in_shape: Shape, path: Path = ()):
+    """``(param ShapeDtypeStructs, out_shape)`` of ``layer.init`` for ``in_shape``, no FLOPs.
+
+    Cached on the (hashable) layer and the shape: the answer is a pure function of both.
+    """
+    try:
+        return _abstract_init_cached(layer, tuple(int(d) for d in in_shape))
+    except LayerError as error:
+        raise LayerError(error.problem, path + error.path) from None
+    except (TypeError, ValueError, IndexError) as error:
+        raise LayerError(
+            f"init failed for per-example input shape {shape_str(in_shape)}: {error}", path
+        ) from error
+
+
+def check_tree_like(reference, candidate, path: Path, what: str, hint: str,
+                    check_dtype: bool = False) -> None:
+    """Raises LayerError unless ``candidate`` has the tree structure and leaf shapes of
+    ``reference`` (and leaf dtypes, with ``check_dtype``)."""
+    ref_leaves, ref_tree = jax.tree_util.tree_flatten_with_path(reference)
+    cand_leaves, cand_tree = jax.tree_util.tree_flatten_with_path(candidate)
+    if ref_tree != cand_tree:
+        raise LayerError(
+            f"{what} have structure {_describe(cand_tree)}, but this layer expects "
+            f"{_describe(ref_tree)}. {hint}",
+            path,
+        )
+    for (key_path, ref), (_, cand) in zip(ref_leaves, cand_leaves):
+        where = jax.tree_util.keystr(key_path) or "(the only leaf)"
+        cand_shape = jnp.shape(cand)
+        if tuple(cand_shape) != tuple(ref.shape):
+            raise LayerError(
+                f"{what} leaf {where} has shape {shape_str(cand_shape)}, expected "
+                f"{shape_str(ref.shape)}. {hint}",
+                path,
+            )
+        if check_dtype and jnp.result_type(cand) != jnp.result_type(ref):
+            raise LayerError(
+                f"{what} leaf {where} has dtype {jnp.result_type(cand)}, expected "
+                f"{jnp.result_type(ref)}. {hint}",
+                path,
+            )
+
+
+def _describe(treedef) -> str:
+    text = str(treedef).replace("PyTreeDef", "")
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class FunctionLayer(Layer):
+    """A layer made from any pure ``g(w, z)``; see :func:`layer`."""
+
+    g: ApplyFn
+    init_params: Optional[Callable[[jax.Array, Shape], Params]] = None
+    name: str = "function"
+
+    def init(self, key, in_shape):
+        in_shape = tuple(in_shape)
+        params = () if self.init_params is None else self.init_params(key, in_shape)
+        probe = jax.ShapeDtypeStruct((1,) + in_shape, jnp.result_type(float))
+        out = jax.eval_shape(self.g, params, probe)
+        return params, tuple(out.shape[1:])
+
+    def apply(self, params, z):
+        return self.g(params, z)
+
+
+def layer(g: ApplyFn, init_params: Optional[Callable[[jax.Array, Shape], Params]] = None,
+          name: Optional[str] = None) -> Layer:
+    """Turns any pure ``g(w, z)`` into a layer; the output shape is inferred.
+
+    Args:
+      g: ``g(params, z) -> z_next`` for a batch ``z`` of shape ``(B, *in_shape)``; it must
+        treat examples independently (no mixing along the batch axis).
+      init_params: ``init_params(key, in_shape) -> params`` (any pytree of arrays); leave it
+        out for a layer without parameters (its params are ``()``).
+      name: for errors and summaries; defaults to ``g.__name__``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, funcnet as fnet
+      >>> scale = fnet.layer(lambda w, z: w * z,
+      ...                    lambda key, shape: jnp.ones(shape), name="scale")
+      >>> net = fnet.chain(fnet.dense(4), scale, fnet.tanh)
+      >>> params, out_shape = net.init(jax.random.key(0), (3,))
+      >>> out_shape
+      (4,)
+    """
+    return FunctionLayer(g, init_params, name or getattr(g, "__name__", "function"))
