@@ -19,11 +19,14 @@ from funcnet._layer import Layer, layer
 from funcnet._per_example import per_example_grads
 from funcnet._reshape import flatten
 from funcnet._reverse import Backprop, backprop, grad, value_and_grad, vjp
+from funcnet._training import (FitResult, History, TrainState, TrainingError, accuracy, evaluate,
+                               fit, init_train_state, train_step)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backprop", "Chain", "Dense", "GradCheckReport", "GradientCheckError", "Layer",
+    "Backprop", "Chain", "FitResult", "History", "TrainState", "TrainingError", "accuracy",
+    "evaluate", "fit", "init_train_state", "train_step", "Dense", "GradCheckReport", "GradientCheckError", "Layer",
     "LayerCheck", "LayerError", "Residual", "backprop", "chain", "check_grads", "dense",
     "flatten", "gelu", "grad", "identity", "jacobian", "jvp", "layer", "layer_jacobians",
     "leaky_relu", "losses", "per_example_grads", "relu", "residual", "sigmoid", "softplus",

@@ -1,5 +1,6 @@
-"""Test configuration: float64 for exactness, and JAX's strict modes so that silent
-broadcasting or dtype promotion inside funcnet fails loudly."""
+"""Test configuration: float64 for exactness, and JAX's strict modes (rank promotion
+raises; dtype promotion strict, per test) so that silent broadcasting or dtype promotion
+inside funcnet fails loudly."""
 
 import jax
 import pytest
@@ -7,7 +8,6 @@ from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 settings.register_profile(
     "funcnet",
@@ -18,6 +18,18 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile("funcnet")
+
+
+@pytest.fixture(autouse=True)
+def _strict_dtype_promotion(request):
+    """Strict dtype promotion for funcnet's own code; tests that drive optax (which
+    promotes Python floats against int32 step counts) opt out with
+    ``@pytest.mark.standard_promotion``."""
+    if request.node.get_closest_marker("standard_promotion"):
+        yield
+        return
+    with jax.numpy_dtype_promotion("strict"):
+        yield
 
 
 @pytest.fixture

@@ -1,0 +1,243 @@
+"""Training with any optax optimizer on top of funcnet's hand-written gradient.
+
+One step of training is
+
+    (value, p) = funcnet.value_and_grad(net, loss)(w, x, y)    # explicit backward pass
+    (u, s)     = optimizer.update(p, s, w)                      # any optax transformation
+    w          = optax.apply_updates(w, u)
+
+compiled as one ``jax.jit`` with the params and optimizer state donated, so XLA updates
+them in place. :func:`fit` runs it over epochs of shuffled mini-batches; full-batch
+gradient descent, SGD with batch size 1, mini-batch SGD and Adam are all just settings
+(``batch_size`` and the optax optimizer).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from funcnet._errors import LayerError
+from funcnet._layer import Layer
+from funcnet._reverse import Loss, value_and_grad
+from funcnet import losses as _losses
+
+
+class TrainState(NamedTuple):
+    """What a step reads and writes: params w, optimizer state s, and the step count."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh :class:`TrainState` at step 0 holding its own copy of ``params``.
+
+    The copy is what lets :func:`train_step` donate the state's buffers without
+    invalidating the caller's ``params``.
+    """
+    params = jax.tree.map(jnp.copy, params)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation):
+    """A jitted ``step(state, x, y) -> (state, loss value)``, state buffers donated.
+
+    The donated ``state`` must not be used after the call (its buffers are reused for the
+    new state); keep the returned one. Example::
+
+        step = fnet.train_step(net, fnet.losses.softmax_cross_entropy, optax.adam(1e-3))
+        state = fnet.init_train_state(params, optax.adam(1e-3))
+        state, value = step(state, x, y)
+    """
+    return jax.jit(_step_fn(net, loss, optimizer), donate_argnums=0)
+
+
+def _step_fn(net, loss, optimizer):
+    value_and_grad_fn = value_and_grad(net, loss)
+
+    def step(state: TrainState, x, y):
+        value, grads = value_and_grad_fn(state.params, x, y)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), value
+
+    return step
+
+
+def accuracy(out: jax.Array, y: jax.Array) -> jax.Array:
+    """Fraction of correct predictions.
+
+    Multiclass: out (B, K) logits and y integer labels (B,) or probability rows (B, K)
+    (argmax compared). Binary: out (B,) or (B, 1) logits and y in {0, 1}: out > 0 predicts 1.
+    """
+    if jnp.ndim(out) == 2 and jnp.shape(out)[1] > 1:
+        labels = y if jnp.ndim(y) == 1 else jnp.argmax(y, axis=1)
+        return jnp.mean(jnp.argmax(out, axis=1) == labels)
+    logits = out.reshape(jnp.shape(out)[0])
+    return jnp.mean((logits > 0) == (y.reshape(jnp.shape(out)[0]) > 0.5))
+
+
+_CLASSIFICATION_LOSSES = (_losses.softmax_cross_entropy, _losses.logistic)
+
+
+def evaluate(net: Layer, loss: Loss, params, x, y,
+             with_accuracy: Optional[bool] = None) -> Dict[str, float]:
+    """``{"loss": ..., "accuracy": ...}`` of ``params`` on (x, y), one jitted forward pass.
+
+    ``with_accuracy`` defaults to True for the classification losses of
+    ``funcnet.losses`` (softmax_cross_entropy, logistic), else False.
+    """
+    if with_accuracy is None:
+        with_accuracy = loss in _CLASSIFICATION_LOSSES
+    loss_value, acc = _evaluate_jit(net, loss, bool(with_accuracy), params, x, y)
+    result = {"loss": float(loss_value)}
+    if with_accuracy:
+        result["accuracy"] = float(acc)
+    return result
+
+
+def _evaluate(net, loss, with_accuracy, params, x, y):
+    out = net.apply(params, x)
+    return loss(out, y), (accuracy(out, y) if with_accuracy else jnp.zeros(()))
+
+
+_evaluate_jit = jax.jit(_evaluate, static_argnums=(0, 1, 2))
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step."""
+
+
+class History(NamedTuple):
+    """What :func:`fit` saw.
+
+    step_loss: (steps,) numpy array, the mini-batch loss of every step, in order.
+    epochs: one dict per epoch: ``epoch``, ``step`` (steps done so far), ``train_loss``
+      (mean of the epoch's step losses), ``time`` (seconds since fit started, compile
+      included), and ``eval_loss`` / ``eval_accuracy`` when ``eval_data`` was given.
+    """
+
+    step_loss: np.ndarray
+    epochs: List[Dict[str, float]]
+
+
+class FitResult(NamedTuple):
+    state: TrainState
+    history: History
+
+    @property
+    def params(self):
+        return self.state.params
+
+
+def _indexed_step(net, loss, optimizer):
+    step = _step_fn(net, loss, optimizer)
+
+    def indexed(state, x, y, indices):
+        return step(state, x[indices], jax.tree.map(lambda t: t[indices], y))
+
+    return jax.jit(indexed, donate_argnums=0)
+
+
+def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params, x, y, *,
+        key: jax.Array, epochs: int = 1, batch_size: Optional[int] = None,
+        eval_data: Optional[Tuple[Any, Any]] = None, state: Optional[TrainState] = None,
+        first_epoch: int = 0, progress: bool = True,
+        on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> FitResult:
+    """Trains ``net`` on (x, y) for ``epochs`` epochs of shuffled mini-batches.
+
+    Args:
+      net, loss: the network and ``loss(out, y) -> scalar``.
+      optimizer: any ``optax.GradientTransformation``.
+      params: initial params (ignored when ``state`` is given).
+      x, y: the training set, batch first (moved to the device once).
+      key: PRNG key for shuffling; epoch e uses ``jax.random.fold_in(key, e)``, so a run
+        resumed at ``first_epoch=e`` with the same key sees the same batches.
+      batch_size: examples per step; ``None`` is full-batch gradient descent, 1 is plain
+        SGD. The last ``n % batch_size`` examples of each shuffled epoch are left out, so
+        every step has the same shape (one compilation).
+      eval_data: optional (x_eval, y_eval), evaluated after every epoch.
+      state: a :class:`TrainState` to continue from (e.g. restored from a checkpoint).
+      first_epoch: the index of the first epoch to run (for resuming).
+      progress: show a tqdm progress bar with the running loss.
+      on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch (e.g. to
+        save a checkpoint).
+
+    Returns:
+      :class:`FitResult` with the final state and the :class:`History`.
+
+    Raises:
+      TrainingError: when a loss is NaN or infinite, naming the step and the last finite
+        loss (checked once per progress update, so a few more steps may have run).
+    """
+    n = int(jnp.shape(x)[0])
+    batch_size = n if batch_size is None else int(batch_size)
+    if not 1 <= batch_size <= n:
+        raise LayerError(f"batch_size must lie in [1, {n}] (the training set size), got {batch_size}.")
+    steps_per_epoch = n // batch_size
+    x, y = jnp.asarray(x), jax.tree.map(jnp.asarray, y)
+    state = init_train_state(params, optimizer) if state is None else state
+    step = _indexed_step(net, loss, optimizer)
+    log_every = max(1, steps_per_epoch // 20)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
+               desc=getattr(net, "name", "fit"))
+    step_losses: List[np.ndarray] = []
+    epoch_rows: List[Dict[str, float]] = []
+    last_finite = (None, None)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        for epoch in range(first_epoch, first_epoch + epochs):
+            order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+            batches = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+            pending: List[jax.Array] = []
+            for index in range(steps_per_epoch):
+                state, value = step(state, x, y, batches[index])
+                pending.append(value)
+                if len(pending) == log_every or index == steps_per_epoch - 1:
+                    values = np.asarray(jax.device_get(jnp.stack(pending)), dtype=np.float64)
+                    done = sum(len(v) for v in step_losses)
+                    last_finite = _check_finite(values, done, last_finite)
+                    step_losses.append(values)
+                    bar.update(len(values))
+                    bar.set_postfix(epoch=epoch, loss=f"{values[-1]:.4g}")
+                    pending = []
+            epoch_losses = np.concatenate(step_losses)[-steps_per_epoch:]
+            row = {"epoch": epoch, "step": int(state.step), "train_loss": float(epoch_losses.mean()),
+                   "time": time.perf_counter() - start}
+            if eval_data is not None:
+                metrics = evaluate(net, loss, state.params, *eval_data)
+                row.update({f"eval_{name}": value for name, value in metrics.items()})
+            epoch_rows.append(row)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, state)
+    bar.close()
+    history = History(np.concatenate(step_losses) if step_losses else np.zeros((0,)), epoch_rows)
+    return FitResult(state, history)
+
+
+def _check_finite(values: np.ndarray, done: int, last_finite):
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        first = int(bad[0])
+        if first > 0:
+            last_finite = (done + first, float(values[first - 1]))
+        last = (
+            "no finite loss was seen" if last_finite[0] is None
+            else f"the last finite loss was {last_finite[1]:.6g} at step {last_finite[0]}"
+        )
+        raise TrainingError(
+            f"the loss became {values[first]} at step {done + first + 1}; {last}. Lower the "
+            f"learning rate, check the inputs for NaN/inf, or use a numerically stable loss."
+        )
+    return (done + len(values), float(values[-1]))

@@ -1,0 +1,34 @@
+"""The README's example runs unchanged, and its Quickstart matches what CI runs."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_block_after(heading: str) -> str:
+    text = README.read_text()
+    section = text.split(heading, 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.standard_promotion
+def test_example_runs_unchanged(capsys):
+    code = _python_block_after("## Example")
+    exec(compile(code, "README example", "exec"), {"__name__": "__readme__"})
+    out = capsys.readouterr().out
+    assert "layer 0 (dense(32))" in out  # the check_grads table
+    assert re.search(r"z_6: shape \(16, 3\)", out)  # L = 5 layers: z_1..z_6
+    assert "|q_1|" in out
+
+
+def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
+    text = README.read_text()
+    quickstart = text.split("## Quickstart", 1)[1]
+    commands = re.search(r"```bash\n(.*?)```", quickstart, re.S).group(1).strip().splitlines()
+    assert len(commands) == 2
+    assert "experiments/digits.py" in commands[0]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert commands[1] in ci
