@@ -16,6 +16,7 @@ from funcnet._errors import LayerError
 from funcnet._forward import jvp
 from funcnet._jacobians import jacobian, layer_jacobians
 from funcnet._layer import Layer, layer
+from funcnet._parallel import data_parallel_mesh, shard_batch
 from funcnet._per_example import per_example_grads
 from funcnet._reshape import flatten
 from funcnet._reverse import Backprop, backprop, grad, value_and_grad, vjp
@@ -27,8 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Backprop", "Chain", "FitResult", "History", "TrainState", "TrainingError", "accuracy",
     "evaluate", "fit", "init_train_state", "train_step", "Dense", "GradCheckReport", "GradientCheckError", "Layer",
-    "LayerCheck", "LayerError", "Residual", "backprop", "chain", "check_grads", "dense",
+    "LayerCheck", "LayerError", "Residual", "backprop", "chain", "check_grads", "data_parallel_mesh", "dense",
     "flatten", "gelu", "grad", "identity", "jacobian", "jvp", "layer", "layer_jacobians",
-    "leaky_relu", "losses", "per_example_grads", "relu", "residual", "sigmoid", "softplus",
+    "leaky_relu", "losses", "per_example_grads", "relu", "residual", "shard_batch", "sigmoid", "softplus",
     "tanh", "value_and_grad", "vjp",
 ]

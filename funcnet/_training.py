@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from funcnet._errors import LayerError
 from funcnet._layer import Layer
+from funcnet._parallel import batch_sharded, check_divisible, replicated, shard_batch
 from funcnet._reverse import Loss, value_and_grad
 from funcnet import losses as _losses
 
@@ -47,17 +49,26 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation):
+def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
+               mesh: Optional[Mesh] = None):
     """A jitted ``step(state, x, y) -> (state, loss value)``, state buffers donated.
 
     The donated ``state`` must not be used after the call (its buffers are reused for the
-    new state); keep the returned one. Example::
+    new state); keep the returned one. With a ``mesh`` (see
+    :func:`funcnet.data_parallel_mesh`) the step is data-parallel: state replicated, x and
+    y split along the batch over the mesh's devices (place them with
+    :func:`funcnet.shard_batch`). Example::
 
         step = fnet.train_step(net, fnet.losses.softmax_cross_entropy, optax.adam(1e-3))
         state = fnet.init_train_state(params, optax.adam(1e-3))
         state, value = step(state, x, y)
     """
-    return jax.jit(_step_fn(net, loss, optimizer), donate_argnums=0)
+    step = _step_fn(net, loss, optimizer)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state, batch = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(state, batch, batch), out_shardings=(state, state),
+                   donate_argnums=0)
 
 
 def _step_fn(net, loss, optimizer):
@@ -150,7 +161,7 @@ def _indexed_step(net, loss, optimizer):
 def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params, x, y, *,
         key: jax.Array, epochs: int = 1, batch_size: Optional[int] = None,
         eval_data: Optional[Tuple[Any, Any]] = None, state: Optional[TrainState] = None,
-        first_epoch: int = 0, progress: bool = True,
+        first_epoch: int = 0, progress: bool = True, mesh: Optional[Mesh] = None,
         on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> FitResult:
     """Trains ``net`` on (x, y) for ``epochs`` epochs of shuffled mini-batches.
 
@@ -168,6 +179,10 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
       state: a :class:`TrainState` to continue from (e.g. restored from a checkpoint).
       first_epoch: the index of the first epoch to run (for resuming).
       progress: show a tqdm progress bar with the running loss.
+      mesh: train data-parallel over this device mesh (:func:`funcnet.data_parallel_mesh`):
+        state replicated, each mini-batch split over the devices (batch_size must be a
+        multiple of the device count). The batches and the result are those of the
+        single-device run, up to floating-point reassociation of the batch mean.
       on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch (e.g. to
         save a checkpoint).
 
@@ -183,9 +198,22 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     if not 1 <= batch_size <= n:
         raise LayerError(f"batch_size must lie in [1, {n}] (the training set size), got {batch_size}.")
     steps_per_epoch = n // batch_size
-    x, y = jnp.asarray(x), jax.tree.map(jnp.asarray, y)
     state = init_train_state(params, optimizer) if state is None else state
-    step = _indexed_step(net, loss, optimizer)
+    if mesh is None:
+        x, y = jnp.asarray(x), jax.tree.map(jnp.asarray, y)
+        indexed_step = _indexed_step(net, loss, optimizer)
+
+        def step(state, indices):
+            return indexed_step(state, x, y, indices)
+    else:
+        check_divisible(mesh, batch_size)
+        x, y = np.asarray(x), jax.tree.map(np.asarray, y)
+        state = jax.device_put(state, replicated(mesh))
+        sharded_step = train_step(net, loss, optimizer, mesh)
+
+        def step(state, indices):
+            batch_x, batch_y = shard_batch(mesh, (x[indices], jax.tree.map(lambda t: t[indices], y)))
+            return sharded_step(state, batch_x, batch_y)
     log_every = max(1, steps_per_epoch // 20)
     from tqdm.auto import tqdm
 
@@ -200,9 +228,11 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         for epoch in range(first_epoch, first_epoch + epochs):
             order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
             batches = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+            if mesh is not None:
+                batches = np.asarray(batches)  # gathered on the host, then split over the mesh
             pending: List[jax.Array] = []
             for index in range(steps_per_epoch):
-                state, value = step(state, x, y, batches[index])
+                state, value = step(state, batches[index])
                 pending.append(value)
                 if len(pending) == log_every or index == steps_per_epoch - 1:
                     values = np.asarray(jax.device_get(jnp.stack(pending)), dtype=np.float64)
@@ -216,7 +246,8 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
             row = {"epoch": epoch, "step": int(state.step), "train_loss": float(epoch_losses.mean()),
                    "time": time.perf_counter() - start}
             if eval_data is not None:
-                metrics = evaluate(net, loss, state.params, *eval_data)
+                metrics = evaluate(net, loss, jax.device_get(state.params) if mesh else state.params,
+                                   *eval_data)
                 row.update({f"eval_{name}": value for name, value in metrics.items()})
             epoch_rows.append(row)
             if on_epoch_end is not None:
