@@ -14,6 +14,7 @@ gradient descent, SGD with batch size 1, mini-batch SGD and Adam are all just se
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -221,29 +222,29 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                desc=getattr(net, "name", "fit"))
     step_losses: List[np.ndarray] = []
     epoch_rows: List[Dict[str, float]] = []
-    last_finite = (None, None)
+    last_finite, done = (None, None), int(state.step)  # steps done, counted globally
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         for epoch in range(first_epoch, first_epoch + epochs):
-            order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-            batches = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+            batches = _epoch_batches(key, epoch, n, steps_per_epoch, batch_size)
             if mesh is not None:
                 batches = np.asarray(batches)  # gathered on the host, then split over the mesh
             pending: List[jax.Array] = []
+            epoch_sum = 0.0
             for index in range(steps_per_epoch):
                 state, value = step(state, batches[index])
                 pending.append(value)
                 if len(pending) == log_every or index == steps_per_epoch - 1:
-                    values = np.asarray(jax.device_get(jnp.stack(pending)), dtype=np.float64)
-                    done = sum(len(v) for v in step_losses)
+                    values = np.asarray(jax.device_get(pending), dtype=np.float64)
                     last_finite = _check_finite(values, done, last_finite)
                     step_losses.append(values)
+                    epoch_sum += float(values.sum())
+                    done += len(values)
                     bar.update(len(values))
-                    bar.set_postfix(epoch=epoch, loss=f"{values[-1]:.4g}")
+                    bar.set_postfix(epoch=epoch, loss=f"{values[-1]:.4g}", refresh=False)
                     pending = []
-            epoch_losses = np.concatenate(step_losses)[-steps_per_epoch:]
-            row = {"epoch": epoch, "step": int(state.step), "train_loss": float(epoch_losses.mean()),
+            row = {"epoch": epoch, "step": done, "train_loss": epoch_sum / steps_per_epoch,
                    "time": time.perf_counter() - start}
             if eval_data is not None:
                 metrics = evaluate(net, loss, jax.device_get(state.params) if mesh else state.params,
@@ -255,6 +256,13 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     bar.close()
     history = History(np.concatenate(step_losses) if step_losses else np.zeros((0,)), epoch_rows)
     return FitResult(state, history)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _epoch_batches(key, epoch, n, steps, batch_size):
+    """Epoch ``epoch``'s shuffled example indices, (steps, batch_size)."""
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    return order[: steps * batch_size].reshape(steps, batch_size)
 
 
 def _check_finite(values: np.ndarray, done: int, last_finite):
