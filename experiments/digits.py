@@ -126,8 +126,8 @@ def plot(runs):
         by_step.plot(np.arange(1, len(smooth) + 1), smooth, label=name)
         by_time.plot([row["time"] for row in run["epochs"]],
                      [row["train_loss"] for row in run["epochs"]], marker=".", label=name)
+    by_step.set_xscale("log")
     for axis, label in ((by_step, "step"), (by_time, "wall time (s), compile included")):
-        axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel("training loss")

@@ -7,7 +7,7 @@ each layer's pullback, the backward pass computes p_i = A_i^T q_{i+1} and
 q_i = B_i^T q_{i+1} layer by layer. See the README for a tour.
 """
 
-from funcnet import losses
+from funcnet import checkpoint, data, losses
 from funcnet._activations import gelu, identity, leaky_relu, relu, sigmoid, softplus, tanh
 from funcnet._chain import Chain, Residual, chain, residual
 from funcnet._checks import GradCheckReport, GradientCheckError, LayerCheck, check_grads
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backprop", "Chain", "FitResult", "History", "TrainState", "TrainingError", "accuracy",
     "evaluate", "fit", "init_train_state", "train_step", "Dense", "GradCheckReport", "GradientCheckError", "Layer",
-    "LayerCheck", "LayerError", "Residual", "backprop", "chain", "check_grads", "data_parallel_mesh", "dense",
+    "LayerCheck", "LayerError", "Residual", "backprop", "chain", "check_grads", "checkpoint", "data", "data_parallel_mesh", "dense",
     "flatten", "gelu", "grad", "identity", "jacobian", "jvp", "layer", "layer_jacobians",
     "leaky_relu", "losses", "per_example_grads", "relu", "residual", "shard_batch", "sigmoid", "softplus",
     "tanh", "value_and_grad", "vjp",
