@@ -15,6 +15,7 @@ gradient descent, SGD with batch size 1, mini-batch SGD and Adam are all just se
 from __future__ import annotations
 
 import functools
+import os
 import time
 import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -29,6 +30,7 @@ from funcnet._errors import LayerError
 from funcnet._layer import Layer
 from funcnet._parallel import batch_sharded, check_divisible, replicated, shard_batch
 from funcnet._reverse import Loss, value_and_grad
+from funcnet import checkpoint as _checkpoint
 from funcnet import losses as _losses
 
 
@@ -163,6 +165,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         key: jax.Array, epochs: int = 1, batch_size: Optional[int] = None,
         eval_data: Optional[Tuple[Any, Any]] = None, state: Optional[TrainState] = None,
         first_epoch: int = 0, progress: bool = True, mesh: Optional[Mesh] = None,
+        checkpoint_path: Optional[str] = None,
         on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> FitResult:
     """Trains ``net`` on (x, y) for ``epochs`` epochs of shuffled mini-batches.
 
@@ -184,8 +187,13 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         state replicated, each mini-batch split over the devices (batch_size must be a
         multiple of the device count). The batches and the result are those of the
         single-device run, up to floating-point reassociation of the batch mean.
-      on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch (e.g. to
-        save a checkpoint).
+      checkpoint_path: save the state (params, optimizer state, step, shuffling key and
+        epoch) there atomically after every epoch (:mod:`funcnet.checkpoint`). If the
+        file exists when fit starts, training resumes from it: the epochs it already holds
+        are skipped and the run continues bit-identically to an uninterrupted one, up to
+        the same last epoch ``first_epoch + epochs - 1``. The returned history covers the
+        epochs run by this call.
+      on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch.
 
     Returns:
       :class:`FitResult` with the final state and the :class:`History`.
@@ -200,6 +208,10 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         raise LayerError(f"batch_size must lie in [1, {n}] (the training set size), got {batch_size}.")
     steps_per_epoch = n // batch_size
     state = init_train_state(params, optimizer) if state is None else state
+    last_epoch = first_epoch + epochs - 1
+    if checkpoint_path is not None and os.path.exists(checkpoint_path):
+        state, key, first_epoch = _resume(checkpoint_path, state, key)
+        epochs = max(0, last_epoch - first_epoch + 1)
     if mesh is None:
         x, y = jnp.asarray(x), jax.tree.map(jnp.asarray, y)
         indexed_step = _indexed_step(net, loss, optimizer)
@@ -251,6 +263,9 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                                    *eval_data)
                 row.update({f"eval_{name}": value for name, value in metrics.items()})
             epoch_rows.append(row)
+            if checkpoint_path is not None:
+                _checkpoint.save(checkpoint_path, {"state": state, "key": key},
+                                 step=done, metadata={"epoch": epoch})
             if on_epoch_end is not None:
                 on_epoch_end(epoch, state)
     bar.close()
@@ -263,6 +278,14 @@ def _epoch_batches(key, epoch, n, steps, batch_size):
     """Epoch ``epoch``'s shuffled example indices, (steps, batch_size)."""
     order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
     return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+def _resume(path, state: TrainState, key):
+    """(state, key, first epoch to run) from the checkpoint at ``path``."""
+    template = jax.eval_shape(lambda: {"state": state, "key": key})
+    restored = _checkpoint.load(path, template)
+    return (restored.tree["state"], restored.tree["key"],
+            int(restored.metadata["epoch"]) + 1)
 
 
 def _check_finite(values: np.ndarray, done: int, last_finite):

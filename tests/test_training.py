@@ -137,3 +137,48 @@ def test_fit_rejects_a_batch_size_larger_than_the_data():
     with pytest.raises(fnet.LayerError, match=r"batch_size must lie in \[1, 8\]"):
         fnet.fit(net, LOSS, optax.sgd(0.1), params, x, y, key=jax.random.key(0),
                  batch_size=9, progress=False)
+
+
+def test_fit_resumes_from_its_checkpoint_bit_identically(tmp_path):
+    net, params, x, y = _problem()
+    optimizer = optax.adam(1e-2)
+    kwargs = dict(key=jax.random.key(5), batch_size=8, progress=False)
+    whole = fnet.fit(net, LOSS, optimizer, params, x, y, epochs=4,
+                     checkpoint_path=str(tmp_path / "whole.npz"), **kwargs)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_epoch_1(epoch, state):
+        if epoch == 1:
+            raise Crash  # the checkpoint of epoch 1 is already on disk
+
+    path = str(tmp_path / "run.npz")
+    with pytest.raises(Crash):
+        fnet.fit(net, LOSS, optimizer, params, x, y, epochs=4, checkpoint_path=path,
+                 on_epoch_end=crash_after_epoch_1, **kwargs)
+    saved = fnet.checkpoint.info(path)
+    assert saved["step"] == 2 * 6 and saved["metadata"] == {"epoch": 1}
+    # The same call again picks up after epoch 1 and runs epochs 2 and 3 only.
+    resumed = fnet.fit(net, LOSS, optimizer, params, x, y, epochs=4, checkpoint_path=path,
+                       **kwargs)
+    assert [row["epoch"] for row in resumed.history.epochs] == [2, 3]
+    assert int(resumed.state.step) == int(whole.state.step) == 24
+    assert _max_diff(whole.params, resumed.params) == 0.0
+    assert _max_diff(whole.state.opt_state, resumed.state.opt_state) == 0.0
+    np.testing.assert_array_equal(whole.history.step_loss[12:], resumed.history.step_loss)
+    # A finished run resumed again has nothing left to do.
+    again = fnet.fit(net, LOSS, optimizer, params, x, y, epochs=4, checkpoint_path=path, **kwargs)
+    assert again.history.epochs == [] and _max_diff(again.params, whole.params) == 0.0
+
+
+def test_fit_refuses_a_checkpoint_of_another_network(tmp_path):
+    net, params, x, y = _problem()
+    path = str(tmp_path / "ckpt.npz")
+    fnet.fit(net, LOSS, optax.sgd(0.1), params, x, y, key=jax.random.key(0), epochs=1,
+             batch_size=8, checkpoint_path=path, progress=False)
+    other = fnet.chain(fnet.dense(8), fnet.tanh, fnet.dense(3))
+    other_params, _ = other.init(jax.random.key(0), (5,))
+    with pytest.raises(fnet.checkpoint.CheckpointError, match="another network"):
+        fnet.fit(other, LOSS, optax.sgd(0.1), other_params, x, y, key=jax.random.key(0),
+                 epochs=2, batch_size=8, checkpoint_path=path, progress=False)

@@ -1,0 +1,588 @@
+"""Checkpoints: save a training state (params, optimizer state, step, PRNG keys) and
+restore it into a template, atomically and with every byte checked.
+
+    save(path, tree, step=..., metadata=...)    # tree: any pytree of arrays and scalars
+    ckpt = load(path, like)                     # like: a tree of the same layout
+    ckpt.tree, ckpt.step, ckpt.metadata
+
+Example (resuming training)::
+
+    state = {"params": params, "opt_state": opt.init(params), "key": key}
+    fnet.checkpoint.save("run/ckpt.npz", state, step=step)
+    ...
+    like = {"params": params0, "opt_state": opt.init(params0), "key": jax.random.key(0)}
+    state, step, _ = fnet.checkpoint.load("run/ckpt.npz", like)
+
+``like`` may also be abstract (``jax.eval_shape(make_state)``): only its structure,
+shapes and dtypes are used, and its shardings where it has them.
+
+File format (version 1): one uncompressed ``.npz`` archive, readable with
+``np.load(path, allow_pickle=False)`` alone, holding
+
+- ``header``: UTF-8 JSON as a uint8 array, with ``format`` ("funcnet-checkpoint"),
+  ``format_version`` (1), ``step`` (int or null), ``metadata`` (a JSON object),
+  ``structure`` (``str(treedef)`` of the saved tree), ``leaves`` (one record per leaf, in
+  ``jax.tree_util`` flattening order: key path, kind, dtype, shape, and how it is stored)
+  and ``checksum`` ("sha256:<hex>" over the header without its checksum, serialised with
+  sorted keys and no spaces, followed by every stored leaf's raw bytes in order);
+- ``leaf_0 .. leaf_{n-1}``: the leaves. Arrays of numpy's own dtypes are stored as they
+  are; bfloat16 and the other ml_dtypes as unsigned-integer views of the same width
+  (``stored_dtype``), so that no pickle is needed; typed PRNG keys as
+  ``jax.random.key_data`` plus the ``impl`` name; Python bool/int/float/complex as 0-d
+  bool/int64/float64/complex128 arrays, restored as the same Python type.
+
+Atomicity: ``save`` writes a temporary file ``.<name>.<random>.tmp`` in the target's
+directory, flushes and fsyncs it, ``os.replace``s it onto the target and fsyncs the
+directory. At every moment the target is either the previous checkpoint or the new one,
+whole. An exception (or Ctrl-C) during ``save`` removes the temporary file; a process
+killed outright (SIGKILL, power loss) may leave one behind, which never affects the
+target and can be deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import operator
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "info", "load",
+           "save"]
+
+FORMAT_NAME = "funcnet-checkpoint"
+#: The format version this module writes; it reads this version and all older ones.
+FORMAT_VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_HEADER = "header"
+_ZIP_MAGIC = b"PK\x03\x04"
+_PYTHON_TYPES = {"bool": bool, "int": int, "float": float, "complex": complex}
+_PYTHON_KINDS = {"bool": "b", "int": "i", "float": "f", "complex": "c"}
+_PYTHON_STORAGE = {"bool": np.bool_, "int": np.int64, "float": np.float64,
+                   "complex": np.complex128}
+_MISMATCH_HINT = (
+    "The checkpoint was written for another network or optimizer (or another layout of "
+    "the saved tree). Build `like` exactly as the tree that was saved: same layers and "
+    "widths, same input shape, same optimizer, same dtypes (and the same jax_enable_x64 "
+    "setting). checkpoint.info(path) shows what the file holds."
+)
+_CORRUPT_HINT = (
+    "The file was damaged after it was written (save itself never leaves a partial "
+    "file at the target path); restore it from a copy or use an earlier checkpoint."
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read, naming the file.
+
+    Attributes:
+      path: the checkpoint's path, as given.
+      problem: what is wrong, with expected and found values and how to fix it.
+    """
+
+    def __init__(self, path: PathLike, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"checkpoint {self.path}: {problem}")
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`load` returns: the restored tree (in the template's structure), the
+    step saved with it (None if none was) and its metadata (a JSON object, {} if none)."""
+
+    tree: Any
+    step: Optional[int]
+    metadata: Dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save(path: PathLike, tree: Any, *, step: Optional[int] = None,
+         metadata: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``tree`` (any pytree) to ``path`` atomically; return ``path`` as a Path.
+
+    Leaves may be jax or numpy arrays of any numeric dtype (bfloat16 included), typed PRNG
+    key arrays (``jax.random.key``) and Python bool/int/float/complex. The tree is saved
+    exactly: :func:`load` gives back every leaf bit for bit, with its dtype.
+
+    Args:
+      path: the file to write (any name; ``.npz`` is conventional). Its directory must
+        exist. An existing file there is replaced only once the new one is complete and
+        on disk, and keeps its permissions.
+      tree: e.g. ``{"params": params, "opt_state": opt_state, "key": key}``.
+      step: the training step, stored as a Python int.
+      metadata: a JSON-serialisable dict (it comes back through JSON: tuples as lists).
+
+    Raises:
+      CheckpointError: an unsupported leaf (named by its key path), a traced value (save
+        cannot run inside ``jax.jit``), a bad step or metadata, or a missing directory.
+    """
+    path = Path(os.fspath(path))
+    step = _check_step(path, step)
+    metadata = _check_metadata(path, metadata)
+    directory = path.parent
+    if not directory.is_dir():
+        raise CheckpointError(path, f"the directory {directory} does not exist; create it "
+                                    f"first (os.makedirs({str(directory)!r}, exist_ok=True)).")
+    if path.is_dir():
+        raise CheckpointError(path, "is a directory; give a file name inside it, e.g. "
+                                    f"{path / 'checkpoint.npz'}.")
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    specs, stored = [], []
+    for key_path, leaf in flat:
+        spec, array = _encode_leaf(path, _where(key_path), leaf)
+        specs.append(spec)
+        stored.append(array)
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": step,
+              "metadata": metadata, "structure": str(treedef), "leaves": specs}
+    header["checksum"] = _checksum(header, stored)
+
+    entries = {_HEADER: np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)}
+    entries.update((f"leaf_{i}", array) for i, array in enumerate(stored))
+    _atomic_write(path, entries)
+    return path
+
+
+def _where(key_path) -> str:
+    """A leaf's key path as jax prints it, e.g. ``['opt_state'][0].mu['w']``."""
+    return jax.tree_util.keystr(key_path) or "<root>"
+
+
+def _check_step(path: Path, step: Any) -> Optional[int]:
+    if step is None:
+        return None
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        return operator.index(step)
+    except TypeError:
+        raise CheckpointError(path, f"step must be an integer (or None), got {step!r}; pass "
+                                    f"e.g. step=int(step).") from None
+
+
+def _check_metadata(path: Path, metadata: Any) -> Dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, f"metadata must be a dict, got {type(metadata).__name__}.")
+    try:  # Normalise through JSON now, so that the checksum sees what load will see.
+        return json.loads(json.dumps(metadata))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"metadata must be JSON-serialisable ({e}); store arrays "
+                                    f"in the tree and convert other values to str, int, "
+                                    f"float, bool, list or dict.") from None
+
+
+def _encode_leaf(path: Path, where: str, leaf: Any) -> Tuple[dict, np.ndarray]:
+    """One leaf -> (its header record, the array stored for it)."""
+    kind = _python_kind(leaf)
+    if kind is not None:
+        try:
+            array = np.asarray(leaf, _PYTHON_STORAGE[kind])
+        except OverflowError:
+            raise CheckpointError(path, f"leaf {where} is the Python int {leaf}, outside the "
+                                        f"int64 range that checkpoints store.") from None
+        return _spec(where, "python", kind, (), array, type=kind), array
+    if isinstance(leaf, jax.core.Tracer):
+        raise CheckpointError(path, f"leaf {where} is a traced value ({leaf}): save cannot "
+                                    f"run inside jax.jit/vmap/grad. Return the state from "
+                                    f"the jitted step and save it outside.")
+    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+        raise CheckpointError(path, f"leaf {where} is a {type(leaf).__name__}; checkpoints "
+                                    f"hold arrays, PRNG keys and Python numbers. Move other "
+                                    f"values into `metadata` or out of the tree.")
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        array = _to_numpy(path, where, lambda: jax.random.key_data(leaf))
+        return _spec(where, "key", str(leaf.dtype), leaf.shape, array,
+                     impl=str(jax.random.key_impl(leaf))), array
+    array = _to_numpy(path, where, lambda: leaf)
+    dtype = array.dtype
+    if dtype.kind not in "biufc":
+        if not (dtype.kind == "V" and dtype.names is None and _is_jax_dtype(dtype.name)):
+            raise CheckpointError(path, f"leaf {where} has dtype {dtype}, which checkpoints "
+                                        f"do not store (numeric dtypes only, bfloat16 "
+                                        f"included).")
+        array = array.view(np.dtype(f"uint{8 * dtype.itemsize}"))
+    return _spec(where, "array", dtype.name, leaf.shape, array), array
+
+
+def _python_kind(leaf: Any) -> Optional[str]:
+    """"bool", "int", "float" or "complex" for a Python number (numpy scalars are arrays
+    here, although np.float64 subclasses float), else None."""
+    if isinstance(leaf, np.generic):
+        return None
+    return next((k for k, t in _PYTHON_TYPES.items() if isinstance(leaf, t)), None)
+
+
+def _spec(where: str, kind: str, dtype: str, shape, array: np.ndarray, **extra) -> dict:
+    return {"path": where, "kind": kind, "dtype": dtype, "shape": [int(d) for d in shape],
+            "stored_dtype": array.dtype.name, "stored_shape": list(array.shape), **extra}
+
+
+def _to_numpy(path: Path, where: str, get) -> np.ndarray:
+    try:
+        array = np.asarray(get())
+    except Exception as e:
+        raise CheckpointError(path, f"leaf {where} cannot be copied to host memory "
+                                    f"({type(e).__name__}: {e}). funcnet checkpoints are "
+                                    f"single-process; gather sharded arrays first.") from None
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.asarray(array, order="C")  # (np.ascontiguousarray would make 0-d 1-d)
+
+
+def _is_jax_dtype(name: str) -> bool:
+    try:
+        return jnp.dtype(name).name == name
+    except TypeError:
+        return False
+
+
+def _canonical(header: dict) -> bytes:
+    core = {k: v for k, v in header.items() if k != "checksum"}
+    return json.dumps(core, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _checksum(header: dict, stored: List[np.ndarray]) -> str:
+    digest = hashlib.sha256(_canonical(header))
+    for array in stored:
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return "sha256:" + digest.hexdigest()
+
+
+def _write_archive(file, entries: Dict[str, np.ndarray]) -> None:
+    """The archive itself (a separate function so tests can interrupt it)."""
+    np.savez(file, **entries)
+
+
+def _atomic_write(path: Path, entries: Dict[str, np.ndarray]) -> None:
+    """Temporary file in the same directory, fsync, rename onto ``path``, fsync the
+    directory; on any exception the temporary file is removed and ``path`` untouched."""
+    mode = _file_mode(path)
+    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.",
+                                      suffix=".tmp", delete=False)
+    try:
+        with tmp:
+            _write_archive(tmp, entries)
+            tmp.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(tmp.fileno(), mode)
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp.name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _file_mode(path: Path) -> int:
+    """The existing file's permissions, else the usual 0o666 minus the umask (the
+    temporary file is created 0o600)."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = None
+    with contextlib.suppress(OSError, ValueError):  # Linux: read it without changing it.
+        with open("/proc/self/status") as status:
+            umask = next((int(line.split()[1], 8) for line in status
+                          if line.startswith("Umask:")), None)
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable. Not possible on Windows, and some file systems refuse it;
+    the rename has happened by then, so a refusal only weakens durability on power loss."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load(path: PathLike, like: Any) -> Checkpoint:
+    """Read the checkpoint at ``path`` into the structure of the template ``like``.
+
+    ``like`` is a tree of the layout that was saved, e.g. freshly initialised params and
+    ``opt.init(params)``, or ``jax.eval_shape`` of the function that makes them. Its leaf
+    count, key paths, shapes and dtypes must equal the checkpoint's, and ``str`` of its
+    tree structure the stored one; the result is built with ``like``'s treedef, so optax
+    states come back as their NamedTuples. Arrays come back as jax arrays with the saved
+    dtypes (placed with ``like``'s shardings where its leaves have them), typed PRNG keys
+    as typed keys, Python numbers as Python numbers, ``step`` as int (or None).
+
+    Raises:
+      CheckpointError: naming the file, when it is missing, is not a funcnet checkpoint,
+        is corrupt or truncated (unreadable archive, or checksum mismatch), was written by
+        a newer format version, or does not match ``like`` (naming the first differing
+        leaf by key path, with the expected and found shape and dtype).
+    """
+    path = Path(os.fspath(path))
+    _check_readable(path)
+    template, treedef = _describe_template(path, like)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            header = _read_header(path, archive)
+            _match(path, header, template, str(treedef))
+            stored = _read_leaves(path, archive, header)
+    except CheckpointError:
+        raise
+    except Exception as e:  # Any failure to parse the archive means a damaged file.
+        raise _unreadable(path, e) from e
+    leaves = [_decode_leaf(path, spec, array, leaf)
+              for spec, array, (_, leaf) in zip(header["leaves"], stored, template)]
+    return Checkpoint(jax.tree_util.tree_unflatten(treedef, leaves), header["step"],
+                      header["metadata"])
+
+
+def info(path: PathLike) -> Dict[str, Any]:
+    """The checkpoint's header (format, version, step, metadata, structure and one record
+    per leaf: key path, kind, dtype, shape), without reading or verifying the leaves;
+    for seeing what a file holds, e.g. to build a template for :func:`load`."""
+    path = Path(os.fspath(path))
+    _check_readable(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return _read_header(path, archive)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(path, f"is corrupt or truncated: reading it failed with "
+                                 f"{type(e).__name__}: {e}. {_CORRUPT_HINT}")
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        where = (f"its directory {path.parent} exists" if path.parent.is_dir()
+                 else f"its directory {path.parent} does not exist either")
+        leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.*.tmp"))
+        note = (f"; beside it are incomplete temporary files of interrupted saves, which "
+                f"cannot be loaded: {', '.join(leftovers)}" if leftovers else "")
+        raise CheckpointError(path, f"no such file ({where}{note}). Check the path, or "
+                                    f"save a checkpoint there first.")
+    if path.is_dir():
+        raise CheckpointError(path, "is a directory, not a checkpoint file.")
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(_ZIP_MAGIC))
+    except OSError as e:
+        raise CheckpointError(path, f"cannot be read ({e}).") from None
+    if not start:
+        raise CheckpointError(path, f"is empty (0 bytes), so it is not a funcnet checkpoint. "
+                                    f"{_CORRUPT_HINT}")
+    if start != _ZIP_MAGIC:
+        raise CheckpointError(path, f"is not a funcnet checkpoint: it is not an .npz (zip) "
+                                    f"archive (it starts with {start!r}, not {_ZIP_MAGIC!r}).")
+
+
+def _read_header(path: Path, archive) -> Dict[str, Any]:
+    if _HEADER not in archive.files:
+        shown = ", ".join(archive.files[:5]) + (", ..." if len(archive.files) > 5 else "")
+        raise CheckpointError(path, f"is not a funcnet checkpoint: an .npz archive without a "
+                                    f"{_HEADER!r} entry (it holds: {shown or 'nothing'}).")
+    raw = archive[_HEADER]
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(path, f"is not a funcnet checkpoint: its {_HEADER!r} entry is "
+                                    f"a {raw.dtype} array of shape {raw.shape}, not JSON bytes.")
+    try:
+        header = json.loads(raw.tobytes().decode("utf-8"))
+    except ValueError as e:
+        raise CheckpointError(path, f"is corrupt: its header is not valid JSON ({e}). "
+                                    f"{_CORRUPT_HINT}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise CheckpointError(path, f"is not a funcnet checkpoint: its header names the "
+                                    f"format {found!r}, not {FORMAT_NAME!r}.")
+    version = header.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise CheckpointError(path, f"is corrupt: format_version is {version!r}, not a "
+                                    f"positive integer. {_CORRUPT_HINT}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(path, f"has format version {version}, newer than this funcnet "
+                                    f"reads (up to {FORMAT_VERSION}); it was written by a "
+                                    f"newer funcnet. Upgrade funcnet to load it.")
+    _validate_header(path, header)
+    return header
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate_header(path: Path, header: dict) -> None:
+    def bad(what):
+        return CheckpointError(path, f"is corrupt: its header's {what}. {_CORRUPT_HINT}")
+
+    fields = {"step": lambda v: v is None or _is_int(v), "metadata": lambda v: isinstance(v, dict),
+              "structure": lambda v: isinstance(v, str), "leaves": lambda v: isinstance(v, list),
+              "checksum": lambda v: isinstance(v, str) and v.startswith("sha256:")}
+    for name, ok in fields.items():
+        if name not in header or not ok(header[name]):
+            raise bad(f"field {name!r} is missing or malformed ({header.get(name)!r})")
+    shape_ok = lambda v: isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v)
+    for i, spec in enumerate(header["leaves"]):
+        ok = (isinstance(spec, dict)
+              and all(isinstance(spec.get(k), str) for k in ("path", "dtype", "stored_dtype"))
+              and shape_ok(spec.get("shape")) and shape_ok(spec.get("stored_shape"))
+              and (spec.get("kind") == "array"
+                   or (spec.get("kind") == "key" and isinstance(spec.get("impl"), str))
+                   or (spec.get("kind") == "python" and spec.get("type") in _PYTHON_TYPES)))
+        if not ok:
+            raise bad(f"record of leaf {i} is malformed ({spec!r})")
+
+
+def _describe_template(path: Path, like: Any) -> Tuple[List[Tuple[str, Any]], Any]:
+    """``like`` -> ([(key path, leaf)], treedef), checking each leaf can be a template."""
+    if like is None:
+        raise CheckpointError(path, "load needs a template `like` (a tree of the saved "
+                                    "layout, e.g. fresh params and opt.init(params), or "
+                                    "jax.eval_shape of what makes them); got None. "
+                                    "checkpoint.info(path) shows what the file holds.")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+    template = [(_where(k), leaf) for k, leaf in flat]
+    for where, leaf in template:
+        if not (_python_kind(leaf) is not None
+                or (hasattr(leaf, "shape") and hasattr(leaf, "dtype"))):
+            raise CheckpointError(path, f"template leaf {where} is a {type(leaf).__name__}; "
+                                        f"template leaves must be arrays, "
+                                        f"jax.ShapeDtypeStructs, PRNG keys or Python numbers.")
+    return template, treedef
+
+
+def _expected(leaf: Any) -> Tuple:
+    """A template leaf as (kind, dtype name, shape), comparable with a stored record."""
+    kind = _python_kind(leaf)
+    if kind is not None:
+        return ("python", kind, ())
+    dtype = leaf.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return ("key", str(dtype), tuple(leaf.shape))
+    return ("array", np.dtype(dtype).name, tuple(int(d) for d in leaf.shape))
+
+
+def _found(spec: dict) -> Tuple:
+    if spec["kind"] == "python":
+        return ("python", spec["type"], ())
+    return (spec["kind"], spec["dtype"], tuple(spec["shape"]))
+
+
+def _abstract_python_number(leaf: Any, expected: Tuple, found: Tuple) -> bool:
+    """A stored Python number also matches a 0-d ShapeDtypeStruct of its kind, which is
+    what jax.eval_shape makes of a Python number (it still comes back as the number)."""
+    return (found[0] == "python" and isinstance(leaf, jax.ShapeDtypeStruct)
+            and expected[0] == "array" and expected[2] == ()
+            and jnp.dtype(expected[1]).kind == _PYTHON_KINDS[found[1]])
+
+
+def _show(described: Tuple) -> str:
+    kind, dtype, shape = described
+    if kind == "python":
+        return f"Python {dtype}"
+    what = "PRNG key array" if kind == "key" else "array"
+    return f"{dtype} {what} of shape {shape}"
+
+
+def _match(path: Path, header: dict, template: List[Tuple[str, Any]], structure: str) -> None:
+    stored = header["leaves"]
+    for i, (spec, (where, leaf)) in enumerate(zip(stored, template)):
+        if spec["path"] != where:
+            raise CheckpointError(path, f"does not match the template: leaf {i} of the "
+                                        f"template is {where}, of the checkpoint "
+                                        f"{spec['path']}. {_MISMATCH_HINT}")
+        expected, found = _expected(leaf), _found(spec)
+        if expected != found and not _abstract_python_number(leaf, expected, found):
+            raise CheckpointError(path, f"does not match the template at leaf {i}, {where}: "
+                                        f"expected {_show(expected)}, found {_show(found)}. "
+                                        f"{_MISMATCH_HINT}")
+    if len(stored) != len(template):
+        first = (f"the first extra one is the template's {template[len(stored)][0]}"
+                 if len(template) > len(stored)
+                 else f"the first extra one is the checkpoint's {stored[len(template)]['path']}")
+        raise CheckpointError(path, f"does not match the template: the template has "
+                                    f"{len(template)} leaves, the checkpoint {len(stored)}; "
+                                    f"{first}. {_MISMATCH_HINT}")
+    if header["structure"] != structure:
+        at = next((i for i, (a, b) in enumerate(zip(structure, header["structure"])) if a != b),
+                  min(len(structure), len(header["structure"])))
+        lo = max(0, at - 40)
+        raise CheckpointError(path, f"does not match the template: the leaves agree but the "
+                                    f"tree structures differ from character {at} on: "
+                                    f"template ...{structure[lo:at + 40]}..., checkpoint "
+                                    f"...{header['structure'][lo:at + 40]}... "
+                                    f"{_MISMATCH_HINT}")
+
+
+def _read_leaves(path: Path, archive, header: dict) -> List[np.ndarray]:
+    specs = header["leaves"]
+    missing = [f"leaf_{i}" for i in range(len(specs)) if f"leaf_{i}" not in archive.files]
+    if missing:
+        raise CheckpointError(path, f"is corrupt or truncated: entries {', '.join(missing[:5])}"
+                                    f" are missing from the archive. {_CORRUPT_HINT}")
+    stored = []
+    for i, spec in enumerate(specs):
+        array = archive[f"leaf_{i}"]
+        if array.dtype.name != spec["stored_dtype"] or list(array.shape) != spec["stored_shape"]:
+            raise CheckpointError(path, f"is corrupt: entry leaf_{i} ({spec['path']}) holds a "
+                                        f"{array.dtype.name} array of shape {array.shape}, the "
+                                        f"header says {spec['stored_dtype']} "
+                                        f"{tuple(spec['stored_shape'])}. {_CORRUPT_HINT}")
+        stored.append(array)
+    checksum = _checksum(header, stored)
+    if checksum != header["checksum"]:
+        raise CheckpointError(path, f"is corrupt: checksum mismatch (the header records "
+                                    f"{header['checksum'][:23]}..., the contents hash to "
+                                    f"{checksum[:23]}...). {_CORRUPT_HINT}")
+    return stored
+
+
+def _decode_leaf(path: Path, spec: dict, array: np.ndarray, like_leaf: Any) -> Any:
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if spec["kind"] == "python":
+        return _PYTHON_TYPES[spec["type"]](array[()])
+    if spec["kind"] == "key":
+        return _place(jax.random.wrap_key_data(array, impl=spec["impl"]), like_leaf)
+    dtype = jnp.dtype(spec["dtype"])
+    if array.dtype != dtype:
+        array = array.view(dtype)
+    restored = _place(array, like_leaf)
+    if restored.dtype != dtype:
+        raise CheckpointError(path, f"leaf {spec['path']} is {dtype} but jax made it "
+                                    f"{restored.dtype}: enable 64-bit types "
+                                    f"(jax.config.update('jax_enable_x64', True)) before "
+                                    f"loading this checkpoint.")
+    return restored
+
+
+def _place(value, like_leaf: Any) -> jax.Array:
+    """On ``like_leaf``'s sharding when it has one (a concrete array or a ShapeDtypeStruct
+    with a sharding), else on the default device."""
+    sharding = None
+    if isinstance(like_leaf, (jax.Array, jax.ShapeDtypeStruct)) and not isinstance(
+            like_leaf, jax.core.Tracer):
+        sharding = getattr(like_leaf, "sharding", None)
+    return jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
