@@ -104,9 +104,10 @@ class Layer:
 
 def _rebuild_hint(in_shape: Shape) -> str:
     return (
-        f"Either the input's per-example shape {shape_str(in_shape)} is not the one the "
-        f"params were built for, or the params belong to another network. Rebuild them "
-        f"with net.init(key, {shape_str(in_shape)}), or pass inputs of the shape used at init."
+        f"This layer's per-example input shape is {shape_str(in_shape)}: either the "
+        f"network's inputs have another shape than the params were built for, or the "
+        f"params belong to another network. Rebuild them with net.init(key, x.shape[1:]) "
+        f"for the inputs you pass."
     )
 
 
