@@ -32,3 +32,18 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
     assert "experiments/digits.py" in commands[0]
     ci = (README.parent / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+@pytest.mark.standard_promotion
+def test_every_python_block_runs_in_order(tmp_path, monkeypatch, capsys):
+    """Blocks fenced ```python are runnable and run here; signature listings use ```py."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 6
+    namespace = {"__name__": "__readme__"}
+    for number, code in enumerate(blocks):
+        exec(compile(code, f"README python block {number}", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "(40, 4) (10, 4)" in out          # the .npz snippet
+    assert "[2, 3]" in out                   # the resumed fit ran epochs 2 and 3
+    assert "eval_accuracy" in out
