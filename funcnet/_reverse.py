@@ -25,32 +25,46 @@ from funcnet._chain import Chain, Residual, top_level
 from funcnet._errors import LayerError, shape_str
 from funcnet._inputs import check_batch, check_scalar_loss, check_targets
 from funcnet._layer import Layer
+from funcnet._repeat import Repeat
 
 Loss = Callable[[jax.Array, Any], jax.Array]
 
+#: Memory policies of the backward pass; see :func:`value_and_grad`.
+REMAT_POLICIES = ("keep", "sqrt", "recompute")
 
-def layer_vjp(layer: Layer, params, z):
+
+def layer_vjp(layer: Layer, params, z, remat: str = "keep"):
     """``(z_next, pullback)`` with ``pullback(q_next) -> (p, q) = (A^T q_next, B^T q_next)``.
 
-    Chains and residuals recurse into this module's own loop; any other layer is one
-    ``jax.vjp`` of its ``apply``. The pullback is a ``jax.tree_util.Partial``, a pytree,
-    so it may be returned from a jitted function.
+    Chains and residuals recurse into this module's own loop, a repeat into a scan; any
+    other layer is one ``jax.vjp`` of its ``apply``. The pullback is a pytree (a
+    ``jax.tree_util.Partial``), so it may be returned from a jitted function or stacked
+    by ``jax.lax.scan``. ``remat`` is the memory policy of repeats inside the layer (see
+    ``funcnet._remat``); chains and residuals pass it down.
     """
     if isinstance(layer, Chain):
-        out, _, pullbacks = forward_pass(layer.layers, params, z)
+        out, _, pullbacks = forward_pass(layer.layers, params, z, remat)
         return out, Partial(_chain_pullback, tuple(pullbacks))
     if isinstance(layer, Residual):
-        inner_out, inner_pullback = layer_vjp(layer.inner, params, z)
+        inner_out, inner_pullback = layer_vjp(layer.inner, params, z, remat)
         return z + inner_out, Partial(_residual_pullback, inner_pullback)
+    if isinstance(layer, Repeat):
+        if remat != "keep":
+            from funcnet import _remat  # the policies build on this module
+
+            return _remat.repeat_vjp(layer, params, z, remat)
+        out, pullbacks = jax.lax.scan(
+            lambda z_k, w_k: layer_vjp(layer.layer, w_k, z_k), z, params)
+        return out, Partial(_repeat_pullback, pullbacks)
     return jax.vjp(layer.apply, params, z)
 
 
-def forward_pass(layers, params, x):
+def forward_pass(layers, params, x, remat: str = "keep"):
     """Runs the chain forward; returns (z_{L+1}, [z_1..z_{L+1}], [pullback_1..pullback_L])."""
     activations, pullbacks = [x], []
     z = x
     for layer, layer_params in zip(layers, params):
-        z, pullback = layer_vjp(layer, layer_params, z)
+        z, pullback = layer_vjp(layer, layer_params, z, remat)
         activations.append(z)
         pullbacks.append(pullback)
     return z, activations, pullbacks
@@ -64,6 +78,17 @@ def backward_pass(pullbacks, q):
         grads[i], q = pullbacks[i](q)  # p_i = A_i^T q_{i+1},  q_i = B_i^T q_{i+1}
         cotangents.append(q)
     return tuple(grads), cotangents[::-1]
+
+
+def _repeat_pullback(pullbacks, q):
+    """The backward loop of a repeat: a reversed scan over its n stacked pullbacks."""
+
+    def step(q_next, pullback):
+        p, q = pullback(q_next)
+        return q, p
+
+    q, grads = jax.lax.scan(step, q, pullbacks, reverse=True)
+    return grads, q
 
 
 def _chain_pullback(pullbacks, q):
@@ -139,21 +164,36 @@ def backprop(net: Layer, loss: Loss, params, x, y) -> Backprop:
     check_batch(net, params, x)
     layers, layer_params = top_level(net, params)
     out, activations, pullbacks = forward_pass(layers, layer_params, x)
-    check_targets(out, y)
-    value, loss_pullback = jax.vjp(lambda z: loss(z, y), out)
-    check_scalar_loss(value, loss)
-    (q,) = loss_pullback(jnp.ones_like(value))  # q_{L+1} = grad of l_y at z_{L+1}
+    value, q = loss_and_seed(loss, out, y)
     grads, cotangents = backward_pass(pullbacks, q)
     if not isinstance(net, Chain):
         grads = grads[0]
     return Backprop(value, grads, tuple(cotangents), tuple(activations))
 
 
-def value_and_grad(net: Layer, loss: Loss):
+def loss_and_seed(loss: Loss, out, y):
+    """The loss value l_y(z_{L+1}) and the seed of the backward pass q_{L+1} = grad l_y."""
+    check_targets(out, y)
+    value, loss_pullback = jax.vjp(lambda z: loss(z, y), out)
+    check_scalar_loss(value, loss)
+    (q,) = loss_pullback(jnp.ones_like(value))
+    return value, q
+
+
+def value_and_grad(net: Layer, loss: Loss, remat: str = "keep"):
     """``f(params, x, y) -> (loss value, grads)`` by the hand-written backward pass.
 
     The same numbers as ``jax.value_and_grad(lambda p: loss(net.apply(p, x), y))``; grads
     have exactly the structure of params. Wrap in ``jax.jit`` for speed.
+
+    Args:
+      net, loss: the network and ``loss(out, y) -> scalar``.
+      remat: what the forward pass keeps for the backward pass (``funcnet._remat``):
+        ``"keep"`` every layer's residuals (fastest; memory grows with depth),
+        ``"sqrt"`` only the inputs of segments of about sqrt(L) layers, each segment
+        recomputed once on the way down (about one extra forward pass), or
+        ``"recompute"`` only the input x, every layer's input recomputed from x when the
+        backward pass reaches it (least memory; O(L^2) layer evaluations).
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
@@ -164,17 +204,23 @@ def value_and_grad(net: Layer, loss: Loss):
       >>> grads[0]["w"].shape
       (3, 8)
     """
+    if remat not in REMAT_POLICIES:
+        raise LayerError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}.")
 
     def value_and_grad_fn(params, x, y):
-        record = backprop(net, loss, params, x, y)
-        return record.value, record.grads
+        if remat == "keep":
+            record = backprop(net, loss, params, x, y)
+            return record.value, record.grads
+        from funcnet import _remat  # the policies are built on this module's walk
+
+        return _remat.value_and_grad(net, loss, params, x, y, remat)
 
     return value_and_grad_fn
 
 
-def grad(net: Layer, loss: Loss):
+def grad(net: Layer, loss: Loss, remat: str = "keep"):
     """``f(params, x, y) -> grads``; see :func:`value_and_grad`."""
-    value_and_grad_fn = value_and_grad(net, loss)
+    value_and_grad_fn = value_and_grad(net, loss, remat)
 
     def grad_fn(params, x, y):
         return value_and_grad_fn(params, x, y)[1]
