@@ -18,6 +18,7 @@ from funcnet._chain import Chain, Residual
 from funcnet._errors import LayerError, Path, shape_str
 from funcnet._inputs import check_batch
 from funcnet._layer import Layer, check_tree_like
+from funcnet._repeat import Repeat
 
 
 def layer_jvp(layer: Layer, params, z, params_dot, z_dot):
@@ -36,6 +37,8 @@ def layer_jvp(layer: Layer, params, z, params_dot, z_dot):
         if z_dot is None or out_dot is None:
             return z + out, z_dot if out_dot is None else out_dot
         return z + out, z_dot + out_dot
+    if isinstance(layer, Repeat) and (params_dot is not None or z_dot is not None):
+        return _repeat_jvp(layer, params, z, params_dot, z_dot)
     if params_dot is None and z_dot is None:
         return layer.apply(params, z), None
     if params_dot is None:
@@ -43,6 +46,21 @@ def layer_jvp(layer: Layer, params, z, params_dot, z_dot):
     if z_dot is None:
         return jax.jvp(lambda w_: layer.apply(w_, z), (params,), (params_dot,))
     return jax.jvp(layer.apply, (params, z), (params_dot, z_dot))
+
+
+def _repeat_jvp(layer, params, z, params_dot, z_dot):
+    """A scan of per-copy jvps; zero tangents are made explicit (scan needs fixed types)."""
+    if params_dot is None:
+        params_dot = jax.tree.map(jnp.zeros_like, params)
+    if z_dot is None:
+        z_dot = jnp.zeros_like(z)
+
+    def step(carry, w_and_dot):
+        z_k, z_k_dot = carry
+        w_k, w_k_dot = w_and_dot
+        return layer_jvp(layer.layer, w_k, z_k, w_k_dot, z_k_dot), None
+
+    return jax.lax.scan(step, (z, z_dot), (params, params_dot))[0]
 
 
 def jvp(net: Layer, params, x, params_dot=None, x_dot=None):
@@ -90,5 +108,7 @@ def check_tangent_params(net: Layer, params, params_dot, path: Path = ()) -> Non
             check_tangent_params(item, p, p_dot, path + ((index, item.name),))
     elif isinstance(net, Residual):
         check_tangent_params(net.inner, params, params_dot, path + ((0, net.inner.name),))
+    elif isinstance(net, Repeat):
+        check_tree_like(params, params_dot, path, "params_dot", hint, check_dtype=True)
     else:
         check_tree_like(params, params_dot, path, "params_dot", hint, check_dtype=True)
