@@ -14,7 +14,8 @@ from funcnet._checks import GradCheckReport, GradientCheckError, LayerCheck, che
 from funcnet._dense import Dense, dense
 from funcnet._errors import LayerError
 from funcnet._forward import jvp
-from funcnet._jacobians import jacobian, layer_jacobians
+from funcnet._accumulation import JacobianPlan
+from funcnet._jacobians import jacobian, jacobian_plan, layer_jacobians
 from funcnet._layer import Layer, layer
 from funcnet._parallel import data_parallel_mesh, shard_batch
 from funcnet._per_example import per_example_grads
@@ -30,7 +31,7 @@ __all__ = [
     "Backprop", "Chain", "FitResult", "History", "TrainState", "TrainingError", "accuracy",
     "evaluate", "fit", "init_train_state", "train_step", "Dense", "GradCheckReport", "GradientCheckError", "Layer",
     "LayerCheck", "LayerError", "Residual", "backprop", "chain", "check_grads", "checkpoint", "data", "data_parallel_mesh", "dense",
-    "flatten", "gelu", "grad", "identity", "jacobian", "jvp", "layer", "layer_jacobians",
+    "flatten", "gelu", "grad", "identity", "jacobian", "jacobian_plan", "JacobianPlan", "jvp", "layer", "layer_jacobians",
     "leaky_relu", "losses", "per_example_grads", "relu", "Repeat", "repeat", "residual", "shard_batch", "sigmoid", "softplus",
     "tanh", "value_and_grad", "vjp",
 ]

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from funcnet._accumulation import JacobianPlan, optimal_input_jacobian, plan
 from funcnet._chain import top_level
 from funcnet._errors import LayerError
 from funcnet._forward import layer_jvp
@@ -76,12 +77,6 @@ def _check_choice(wrt: str, mode: str) -> None:
         raise LayerError(f"wrt must be one of {WRT}, got {wrt!r}.")
     if mode not in MODES:
         raise LayerError(f"mode must be one of {MODES}, got {mode!r}.")
-    if mode == "optimal":
-        raise NotImplementedError(
-            "mode='optimal' (cheapest accumulation order) is not implemented yet; use "
-            "mode='forward' (cheaper when the input is smaller than the output) or "
-            "mode='reverse' (cheaper when the output is smaller)."
-        )
 
 
 def jacobian(net: Layer, params, x, wrt: str = "input", mode: str = "reverse"):
@@ -91,15 +86,28 @@ def jacobian(net: Layer, params, x, wrt: str = "input", mode: str = "reverse"):
       net: a layer; params: its params; x: one example, shape in_shape.
       wrt: ``"input"`` for d out / d x, shape out_shape + in_shape; ``"params"`` for
         d out / d w, a pytree like params with leaves of shape out_shape + leaf shape.
-      mode: ``"forward"`` (jvp per input coordinate) or ``"reverse"`` (vjp per output
-        coordinate); same values, different cost.
+      mode: ``"forward"`` (jvp per input coordinate), ``"reverse"`` (vjp per output
+        coordinate), or ``"optimal"``: the cheapest accumulation order for this chain's
+        shapes (see :func:`funcnet.jacobian_plan`); same values, different cost.
 
     For a batch, ``jax.vmap(lambda xi: fnet.jacobian(net, params, xi))(xs)``.
     """
     _check_choice(wrt, mode)
     check_example(net, params, x)
+    if mode == "optimal":
+        if wrt == "input":
+            return optimal_input_jacobian(net, params, x, _forward_jacobian, _reverse_jacobian)
+        mode = plan(net, tuple(jnp.shape(x)), "params").root.mode
     build = _forward_jacobian if mode == "forward" else _reverse_jacobian
     return build(net, params, x, wrt == "params")
+
+
+def jacobian_plan(net: Layer, in_shape, wrt: str = "input") -> JacobianPlan:
+    """The plan ``jacobian(..., mode="optimal")`` follows for per-example ``in_shape``:
+    segments, the mode of each, the multiplication order and the predicted FLOPs (beside
+    those of plain forward and reverse mode). ``print`` it for a summary."""
+    _check_choice(wrt, "optimal")
+    return plan(net, tuple(int(d) for d in in_shape), wrt)
 
 
 def layer_jacobians(net: Layer, params, x):
