@@ -53,20 +53,21 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
 
 
 def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, remat: str = "keep"):
     """A jitted ``step(state, x, y) -> (state, loss value)``, state buffers donated.
 
     The donated ``state`` must not be used after the call (its buffers are reused for the
     new state); keep the returned one. With a ``mesh`` (see
     :func:`funcnet.data_parallel_mesh`) the step is data-parallel: state replicated, x and
     y split along the batch over the mesh's devices (place them with
-    :func:`funcnet.shard_batch`). Example::
+    :func:`funcnet.shard_batch`). ``remat`` is the backward pass's memory policy
+    ("keep", "sqrt" or "recompute"; see :func:`funcnet.value_and_grad`). Example::
 
         step = fnet.train_step(net, fnet.losses.softmax_cross_entropy, optax.adam(1e-3))
         state = fnet.init_train_state(params, optax.adam(1e-3))
         state, value = step(state, x, y)
     """
-    step = _step_fn(net, loss, optimizer)
+    step = _step_fn(net, loss, optimizer, remat)
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     state, batch = replicated(mesh), batch_sharded(mesh)
@@ -74,8 +75,8 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
                    donate_argnums=0)
 
 
-def _step_fn(net, loss, optimizer):
-    value_and_grad_fn = value_and_grad(net, loss)
+def _step_fn(net, loss, optimizer, remat="keep"):
+    value_and_grad_fn = value_and_grad(net, loss, remat)
 
     def step(state: TrainState, x, y):
         value, grads = value_and_grad_fn(state.params, x, y)
@@ -152,8 +153,8 @@ class FitResult(NamedTuple):
         return self.state.params
 
 
-def _indexed_step(net, loss, optimizer):
-    step = _step_fn(net, loss, optimizer)
+def _indexed_step(net, loss, optimizer, remat):
+    step = _step_fn(net, loss, optimizer, remat)
 
     def indexed(state, x, y, indices):
         return step(state, x[indices], jax.tree.map(lambda t: t[indices], y))
@@ -165,7 +166,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         key: jax.Array, epochs: int = 1, batch_size: Optional[int] = None,
         eval_data: Optional[Tuple[Any, Any]] = None, state: Optional[TrainState] = None,
         first_epoch: int = 0, progress: bool = True, mesh: Optional[Mesh] = None,
-        checkpoint_path: Optional[str] = None,
+        checkpoint_path: Optional[str] = None, remat: str = "keep",
         on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> FitResult:
     """Trains ``net`` on (x, y) for ``epochs`` epochs of shuffled mini-batches.
 
@@ -193,6 +194,8 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         are skipped and the run continues bit-identically to an uninterrupted one, up to
         the same last epoch ``first_epoch + epochs - 1``. The returned history covers the
         epochs run by this call.
+      remat: the backward pass's memory policy, "keep" (default), "sqrt" or "recompute"
+        (see :func:`funcnet.value_and_grad`).
       on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch.
 
     Returns:
@@ -214,7 +217,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         epochs = max(0, last_epoch - first_epoch + 1)
     if mesh is None:
         x, y = jnp.asarray(x), jax.tree.map(jnp.asarray, y)
-        indexed_step = _indexed_step(net, loss, optimizer)
+        indexed_step = _indexed_step(net, loss, optimizer, remat)
 
         def step(state, indices):
             return indexed_step(state, x, y, indices)
@@ -222,7 +225,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         check_divisible(mesh, batch_size)
         x, y = np.asarray(x), jax.tree.map(np.asarray, y)
         state = jax.device_put(state, replicated(mesh))
-        sharded_step = train_step(net, loss, optimizer, mesh)
+        sharded_step = train_step(net, loss, optimizer, mesh, remat)
 
         def step(state, indices):
             batch_x, batch_y = shard_batch(mesh, (x[indices], jax.tree.map(lambda t: t[indices], y)))

@@ -182,3 +182,21 @@ def test_fit_refuses_a_checkpoint_of_another_network(tmp_path):
     with pytest.raises(fnet.checkpoint.CheckpointError, match="another network"):
         fnet.fit(other, LOSS, optax.sgd(0.1), other_params, x, y, key=jax.random.key(0),
                  epochs=2, batch_size=8, checkpoint_path=path, progress=False)
+
+
+@pytest.mark.parametrize("remat", ["sqrt", "recompute"])
+def test_train_step_and_fit_take_a_remat_policy_with_identical_results(remat):
+    net = fnet.chain(*[fnet.chain(fnet.dense(8), fnet.tanh) for _ in range(6)], fnet.dense(3))
+    params, _ = net.init(jax.random.key(0), (5,))
+    x = jax.random.normal(jax.random.key(1), (32, 5))
+    y = jnp.argmax(x[:, :3], axis=1).astype(jnp.int32)
+    optimizer = optax.adam(1e-2)
+    kwargs = dict(key=jax.random.key(2), epochs=2, batch_size=8, progress=False)
+    kept = fnet.fit(net, LOSS, optimizer, params, x, y, **kwargs)
+    other = fnet.fit(net, LOSS, optimizer, params, x, y, remat=remat, **kwargs)
+    assert _max_diff(kept.params, other.params) <= 1e-12
+    step = fnet.train_step(net, LOSS, optimizer, remat=remat)
+    state, value = step(fnet.init_train_state(params, optimizer), x, y)
+    assert abs(float(value) - float(LOSS(net.apply(params, x), y))) <= 1e-12
+    with pytest.raises(fnet.LayerError, match="remat must be one of"):
+        fnet.train_step(net, LOSS, optimizer, remat="everything")
