@@ -18,7 +18,7 @@ import functools
 import os
 import time
 import warnings
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -153,13 +153,18 @@ class FitResult(NamedTuple):
         return self.state.params
 
 
-def _indexed_step(net, loss, optimizer, remat):
+def _indexed_step(net, loss, optimizer, remat, scanned: bool):
+    """One jitted call that gathers the batch on the device and steps; with ``scanned``,
+    a ``lax.scan`` of such steps over a (steps, batch) block of indices."""
     step = _step_fn(net, loss, optimizer, remat)
 
     def indexed(state, x, y, indices):
         return step(state, x[indices], jax.tree.map(lambda t: t[indices], y))
 
-    return jax.jit(indexed, donate_argnums=0)
+    def many(state, x, y, index_block):
+        return jax.lax.scan(lambda s, indices: indexed(s, x, y, indices), state, index_block)
+
+    return jax.jit(many if scanned else indexed, donate_argnums=0)
 
 
 def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params, x, y, *,
@@ -167,6 +172,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         eval_data: Optional[Tuple[Any, Any]] = None, state: Optional[TrainState] = None,
         first_epoch: int = 0, progress: bool = True, mesh: Optional[Mesh] = None,
         checkpoint_path: Optional[str] = None, remat: str = "keep",
+        steps_per_call: Union[int, str] = 1,
         on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> FitResult:
     """Trains ``net`` on (x, y) for ``epochs`` epochs of shuffled mini-batches.
 
@@ -196,6 +202,11 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         epochs run by this call.
       remat: the backward pass's memory policy, "keep" (default), "sqrt" or "recompute"
         (see :func:`funcnet.value_and_grad`).
+      steps_per_call: how many steps one jitted call runs: 1 (a Python loop over the
+        jitted step), an int k (a ``lax.scan`` over k device-resident mini-batches per
+        call) or ``"epoch"`` (the whole epoch in one call). Larger calls take Python and
+        host transfers out of the loop, which is what bounds small networks; the
+        numbers are the same steps. Not combined with ``mesh``.
       on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch.
 
     Returns:
@@ -210,6 +221,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     if not 1 <= batch_size <= n:
         raise LayerError(f"batch_size must lie in [1, {n}] (the training set size), got {batch_size}.")
     steps_per_epoch = n // batch_size
+    calls = _steps_per_call(steps_per_call, steps_per_epoch, mesh)
     state = init_train_state(params, optimizer) if state is None else state
     last_epoch = first_epoch + epochs - 1
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
@@ -217,7 +229,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         epochs = max(0, last_epoch - first_epoch + 1)
     if mesh is None:
         x, y = jnp.asarray(x), jax.tree.map(jnp.asarray, y)
-        indexed_step = _indexed_step(net, loss, optimizer, remat)
+        indexed_step = _indexed_step(net, loss, optimizer, remat, scanned=calls > 1)
 
         def step(state, indices):
             return indexed_step(state, x, y, indices)
@@ -246,19 +258,23 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
             if mesh is not None:
                 batches = np.asarray(batches)  # gathered on the host, then split over the mesh
             pending: List[jax.Array] = []
-            epoch_sum = 0.0
-            for index in range(steps_per_epoch):
-                state, value = step(state, batches[index])
+            epoch_sum, waiting = 0.0, 0
+            for start_index in range(0, steps_per_epoch, calls):
+                # one step (a scalar loss) or a scanned block of steps (a vector of losses)
+                block = batches[start_index] if calls == 1 else batches[start_index:start_index + calls]
+                state, value = step(state, block)
                 pending.append(value)
-                if len(pending) == log_every or index == steps_per_epoch - 1:
-                    values = np.asarray(jax.device_get(pending), dtype=np.float64)
+                waiting += 1 if calls == 1 else len(block)
+                if waiting >= log_every or start_index + calls >= steps_per_epoch:
+                    values = np.concatenate([np.atleast_1d(v) for v in jax.device_get(pending)])
+                    values = values.astype(np.float64)
                     last_finite = _check_finite(values, done, last_finite)
                     step_losses.append(values)
                     epoch_sum += float(values.sum())
                     done += len(values)
                     bar.update(len(values))
                     bar.set_postfix(epoch=epoch, loss=f"{values[-1]:.4g}", refresh=False)
-                    pending = []
+                    pending, waiting = [], 0
             row = {"epoch": epoch, "step": done, "train_loss": epoch_sum / steps_per_epoch,
                    "time": time.perf_counter() - start}
             if eval_data is not None:
@@ -281,6 +297,19 @@ def _epoch_batches(key, epoch, n, steps, batch_size):
     """Epoch ``epoch``'s shuffled example indices, (steps, batch_size)."""
     order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
     return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+def _steps_per_call(steps_per_call, steps_per_epoch: int, mesh) -> int:
+    if steps_per_call == "epoch":
+        steps_per_call = steps_per_epoch
+    if not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise LayerError(
+            f"steps_per_call must be a positive int or 'epoch', got {steps_per_call!r}.")
+    if steps_per_call > 1 and mesh is not None:
+        raise LayerError(
+            "steps_per_call > 1 scans device-resident batches and is not combined with "
+            "mesh=...; use steps_per_call=1 for data-parallel training.")
+    return min(steps_per_call, steps_per_epoch)
 
 
 def _resume(path, state: TrainState, key):

@@ -200,3 +200,23 @@ def test_train_step_and_fit_take_a_remat_policy_with_identical_results(remat):
     assert abs(float(value) - float(LOSS(net.apply(params, x), y))) <= 1e-12
     with pytest.raises(fnet.LayerError, match="remat must be one of"):
         fnet.train_step(net, LOSS, optimizer, remat="everything")
+
+
+@pytest.mark.parametrize("steps_per_call", [4, "epoch", 5])
+def test_scanned_calls_run_the_same_steps_as_the_python_loop(steps_per_call):
+    net, params, x, y = _problem()
+    optimizer = optax.adam(1e-2)
+    kwargs = dict(key=jax.random.key(3), epochs=3, batch_size=4, progress=False)
+    loop = fnet.fit(net, LOSS, optimizer, params, x, y, **kwargs)
+    scanned = fnet.fit(net, LOSS, optimizer, params, x, y, steps_per_call=steps_per_call, **kwargs)
+    assert scanned.history.step_loss.shape == loop.history.step_loss.shape == (36,)
+    np.testing.assert_allclose(scanned.history.step_loss, loop.history.step_loss, rtol=1e-12)
+    assert _max_diff(scanned.params, loop.params) <= 1e-12
+    assert int(scanned.state.step) == 36
+
+
+def test_steps_per_call_is_validated():
+    net, params, x, y = _problem(n=8)
+    with pytest.raises(fnet.LayerError, match="steps_per_call must be a positive int or 'epoch'"):
+        fnet.fit(net, LOSS, optax.sgd(0.1), params, x, y, key=jax.random.key(0),
+                 steps_per_call=0, progress=False)
