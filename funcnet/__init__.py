@@ -21,6 +21,7 @@ from funcnet._parallel import data_parallel_mesh, shard_batch
 from funcnet._per_example import per_example_grads
 from funcnet._repeat import Repeat, repeat
 from funcnet._reshape import flatten
+from funcnet._summary import Summary, summary
 from funcnet._reverse import Backprop, backprop, grad, value_and_grad, vjp
 from funcnet._training import (FitResult, History, TrainState, TrainingError, accuracy, evaluate,
                                fit, init_train_state, train_step)
@@ -32,6 +33,6 @@ __all__ = [
     "evaluate", "fit", "init_train_state", "train_step", "Dense", "GradCheckReport", "GradientCheckError", "Layer",
     "LayerCheck", "LayerError", "Residual", "backprop", "chain", "check_grads", "checkpoint", "data", "data_parallel_mesh", "dense",
     "flatten", "gelu", "grad", "identity", "jacobian", "jacobian_plan", "JacobianPlan", "jvp", "layer", "layer_jacobians",
-    "leaky_relu", "losses", "per_example_grads", "relu", "Repeat", "repeat", "residual", "shard_batch", "sigmoid", "softplus",
+    "leaky_relu", "losses", "per_example_grads", "relu", "Repeat", "repeat", "residual", "shard_batch", "sigmoid", "softplus", "Summary", "summary",
     "tanh", "value_and_grad", "vjp",
 ]

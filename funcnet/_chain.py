@@ -44,6 +44,11 @@ class Chain(Layer):
                 item_params, shape = item.init(item_key, shape)
             except LayerError as error:
                 raise error.inside(index, item.name) from None
+            except (TypeError, ValueError, IndexError) as error:
+                raise LayerError(
+                    f"init failed for per-example input shape {shape_str(shape)}: {error}",
+                    ((index, item.name),),
+                ) from error
             params.append(item_params)
         return tuple(params), tuple(shape)
 
