@@ -11,6 +11,8 @@ primal values. A tangent given as ``None`` is zero and skipped (not multiplied t
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -19,6 +21,7 @@ from funcnet._errors import LayerError, Path, shape_str
 from funcnet._inputs import check_batch
 from funcnet._layer import Layer, check_tree_like
 from funcnet._repeat import Repeat
+from funcnet._reverse import is_concrete
 
 
 def layer_jvp(layer: Layer, params, z, params_dot, z_dot):
@@ -41,11 +44,24 @@ def layer_jvp(layer: Layer, params, z, params_dot, z_dot):
         return _repeat_jvp(layer, params, z, params_dot, z_dot)
     if params_dot is None and z_dot is None:
         return layer.apply(params, z), None
+    if is_concrete(params, z, params_dot, z_dot):  # without jit: compiled per layer
+        return _compiled_jvp(layer, params_dot is None, z_dot is None)(params, z, params_dot, z_dot)
+    return _layer_jvp_traced(layer, params, z, params_dot, z_dot)
+
+
+def _layer_jvp_traced(layer, params, z, params_dot, z_dot):
     if params_dot is None:
         return jax.jvp(lambda z_: layer.apply(params, z_), (z,), (z_dot,))
     if z_dot is None:
         return jax.jvp(lambda w_: layer.apply(w_, z), (params,), (params_dot,))
     return jax.jvp(layer.apply, (params, z), (params_dot, z_dot))
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_jvp(layer: Layer, no_params_dot: bool, no_z_dot: bool):
+    """One compiled jvp per layer and choice of zero tangents (see ``_reverse``)."""
+    del no_params_dot, no_z_dot  # part of the cache key: None tangents change the trace
+    return jax.jit(functools.partial(_layer_jvp_traced, layer))
 
 
 def _repeat_jvp(layer, params, z, params_dot, z_dot):

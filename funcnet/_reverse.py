@@ -15,6 +15,7 @@ called on this path.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, List, NamedTuple, Tuple
 
 import jax
@@ -56,7 +57,39 @@ def layer_vjp(layer: Layer, params, z, remat: str = "keep"):
         out, pullbacks = jax.lax.scan(
             lambda z_k, w_k: layer_vjp(layer.layer, w_k, z_k), z, params)
         return out, Partial(_repeat_pullback, pullbacks)
+    if is_concrete(params, z):  # called without jit: run compiled per-layer code
+        out, pullback = compiled_vjp(layer)(params, z)
+        return out, Partial(_run_pullback, pullback)
     return jax.vjp(layer.apply, params, z)
+
+
+# --- Without jax.jit --------------------------------------------------------------------
+# Called eagerly, jax.vjp would dispatch every operation of every layer one by one (8-12x
+# slower than jitted code). Instead each layer's forward-with-pullback is compiled once
+# per layer and shapes and reused; the pullback it returns is a pytree of residuals that
+# one more compiled function applies. The caches are bounded and keyed on the (hashable,
+# immutable) layers, so repeated calls reuse them and they do not grow.
+
+
+def is_concrete(*trees) -> bool:
+    """True when no leaf is a tracer, i.e. we are not inside jit, vmap or grad."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+@functools.lru_cache(maxsize=1024)
+def compiled_vjp(layer: Layer):
+    """``jax.jit`` of ``(params, z) -> jax.vjp(layer.apply, params, z)``, one per layer."""
+    return jax.jit(lambda params, z: jax.vjp(layer.apply, params, z))
+
+
+@jax.jit
+def _run_pullback(pullback, q):
+    return pullback(q)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_loss_seed(loss: Loss):
+    return jax.jit(lambda out, y: _loss_and_seed(loss, out, y))
 
 
 def forward_pass(layers, params, x, remat: str = "keep"):
@@ -174,6 +207,15 @@ def backprop(net: Layer, loss: Loss, params, x, y) -> Backprop:
 def loss_and_seed(loss: Loss, out, y):
     """The loss value l_y(z_{L+1}) and the seed of the backward pass q_{L+1} = grad l_y."""
     check_targets(out, y)
+    if is_concrete(out, y):
+        try:
+            return _compiled_loss_seed(loss)(out, y)
+        except TypeError:  # an unhashable loss object: run it op by op
+            pass
+    return _loss_and_seed(loss, out, y)
+
+
+def _loss_and_seed(loss: Loss, out, y):
     value, loss_pullback = jax.vjp(lambda z: loss(z, y), out)
     check_scalar_loss(value, loss)
     (q,) = loss_pullback(jnp.ones_like(value))
