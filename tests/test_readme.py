@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import jax
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -41,9 +42,12 @@ def test_every_python_block_runs_in_order(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 6
     namespace = {"__name__": "__readme__"}
-    for number, code in enumerate(blocks):
-        exec(compile(code, f"README python block {number}", "exec"), namespace)
+    with jax.numpy_rank_promotion("allow"):  # user code, run in JAX's default config
+        for number, code in enumerate(blocks):
+            exec(compile(code, f"README python block {number}", "exec"), namespace)
     out = capsys.readouterr().out
     assert "(40, 4) (10, 4)" in out          # the .npz snippet
     assert "[2, 3]" in out                   # the resumed fit ran epochs 2 and 3
     assert "eval_accuracy" in out
+    assert "order: (J[" in out              # the bottleneck plan multiplies two segments
+    assert namespace["J"].shape == (100, 100)
