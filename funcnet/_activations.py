@@ -65,5 +65,9 @@ class LeakyRelu(Layer):
 
 
 def leaky_relu(alpha: float = 0.01) -> Layer:
-    """A leaky relu with negative slope ``alpha``."""
+    """A leaky relu with negative slope ``alpha`` (a Python number)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise LayerError(
+            f"leaky_relu(alpha) needs a Python number for the negative slope, got {alpha!r} "
+            f"of type {type(alpha).__name__}; e.g. leaky_relu(0.01).")
     return LeakyRelu(float(alpha))

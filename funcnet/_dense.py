@@ -28,12 +28,14 @@ class Dense(Layer):
     bias: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.out_features, int) or self.out_features < 1:
-            raise LayerError(
-                f"dense(out_features) needs a positive integer width, got "
-                f"{self.out_features!r}. A layer of width 0 has no outputs; remove it "
-                f"or give it at least one unit."
+        width = self.out_features
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            why = (
+                "A layer of width 0 has no outputs; remove it or give it at least one unit."
+                if width == 0 and not isinstance(width, bool)
+                else "Pass the number of output units as a positive int, e.g. dense(64)."
             )
+            raise LayerError(f"dense(out_features) needs a positive integer width, got {width!r}. {why}")
 
     @property
     def name(self) -> str:

@@ -38,8 +38,16 @@ def check_example(net: Layer, params, x, what: str = "x"):
     return net.check(params, jnp.shape(x))
 
 
-def check_targets(out: jax.Array, y) -> None:
-    """The targets' batch must be the outputs' batch (losses check the rest)."""
+def check_targets(out: jax.Array, y, loss=None) -> None:
+    """The targets' batch must be the outputs' batch (losses check the rest).
+
+    A loss may carry ``loss.check_targets(out, y)`` for checks that need the targets'
+    values (label ranges); it runs here while y is concrete, before anything is compiled.
+    """
+    value_check = getattr(loss, "check_targets", None)
+    if value_check is not None and not any(
+            isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(y)):
+        value_check(out, y)
     if not hasattr(y, "shape") or jnp.ndim(y) == 0:
         return
     if jnp.shape(y)[0] != jnp.shape(out)[0]:

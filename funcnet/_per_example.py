@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from funcnet._errors import LayerError, shape_str
-from funcnet._inputs import check_batch
+from funcnet._inputs import check_batch, check_targets
 from funcnet._layer import Layer
 from funcnet._reverse import Loss, value_and_grad
 
@@ -33,6 +33,7 @@ def per_example_grads(net: Layer, loss: Loss):
                     f"have the inputs' batch size {jnp.shape(x)[0]} as their leading axis; "
                     f"pass one target per example."
                 )
+        check_targets(jax.eval_shape(net.apply, params, x), y, loss)
         return jax.vmap(one_example, in_axes=(None, 0, 0))(params, x, y)
 
     return per_example_grads_fn

@@ -206,7 +206,7 @@ def backprop(net: Layer, loss: Loss, params, x, y) -> Backprop:
 
 def loss_and_seed(loss: Loss, out, y):
     """The loss value l_y(z_{L+1}) and the seed of the backward pass q_{L+1} = grad l_y."""
-    check_targets(out, y)
+    check_targets(out, y, loss)
     if is_concrete(out, y):
         try:
             return _compiled_loss_seed(loss)(out, y)

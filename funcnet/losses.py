@@ -43,6 +43,23 @@ def _concrete_or_none(y):
         return None
 
 
+def _check_label_range(out, y) -> None:
+    """Raises for integer labels outside [0, classes) when their values are known now."""
+    if not jnp.issubdtype(jnp.result_type(y), jnp.integer) or jnp.ndim(out) != 2:
+        return
+    labels = _concrete_or_none(y)
+    if labels is None:
+        return
+    classes = jnp.shape(out)[1]
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise LayerError(
+            f"softmax_cross_entropy: label {labels[bad[0]]} at example {bad[0]} is out of "
+            f"range: with {classes} output classes labels must lie in [0, {classes - 1}]. "
+            f"Give the last layer as many outputs as there are classes."
+        )
+
+
 def squared_error(out: jax.Array, y: jax.Array) -> jax.Array:
     """Mean over the batch of 0.5 * ||out_b - y_b||^2 (least squares).
 
@@ -79,8 +96,10 @@ def softmax_cross_entropy(out: jax.Array, y: jax.Array) -> jax.Array:
     (B, K). Computed with log-sum-exp, finite for logits of any size. Gradient at out:
     (softmax(out) - onehot(y)) / B.
 
-    Labels out of range raise an error when y is concrete; under ``jax.jit`` (where values
-    are unknown at trace time) such an example's loss is NaN, so it cannot pass unseen.
+    Labels out of range raise an error when y is concrete (funcnet checks them through
+    ``softmax_cross_entropy.check_targets`` before compiling anything); under ``jax.jit``
+    (where values are unknown at trace time) such an example's loss and its gradient are
+    NaN, so it cannot pass unseen.
     """
     name = "softmax_cross_entropy"
     if jnp.ndim(out) != 2:
@@ -95,24 +114,21 @@ def softmax_cross_entropy(out: jax.Array, y: jax.Array) -> jax.Array:
                 f"{name}: integer labels y must have shape ({batch},), one per example, got "
                 f"{shape_str(jnp.shape(y))}."
             )
-        labels = _concrete_or_none(y)
-        if labels is not None:
-            bad = np.flatnonzero((labels < 0) | (labels >= classes))
-            if bad.size:
-                raise LayerError(
-                    f"{name}: label {labels[bad[0]]} at example {bad[0]} is out of range: "
-                    f"with {classes} output classes labels must lie in [0, {classes - 1}]. "
-                    f"Give the last layer as many outputs as there are classes."
-                )
+        _check_label_range(out, y)
         valid = (y >= 0) & (y < classes)
         picked = jnp.take_along_axis(out, jnp.clip(y, 0, classes - 1)[:, None], axis=1)[:, 0]
         per_example = jax.nn.logsumexp(out, axis=1) - picked
-        per_example = jnp.where(valid, per_example, jnp.nan)
+        # NaN for an out-of-range label, in the value AND (through the product) its gradient
+        poison = jnp.where(valid, jnp.ones((), out.dtype), jnp.full((), jnp.nan, out.dtype))
+        per_example = per_example * poison
     else:
         _check_same_shape(name, out, y)
         y = y.astype(out.dtype)
         per_example = -jnp.sum(y * jax.nn.log_softmax(out, axis=1), axis=1)
     return jnp.mean(per_example)
 
+
+#: Target checks that need values, run by funcnet on concrete targets before tracing.
+softmax_cross_entropy.check_targets = _check_label_range
 
 __all__ = ["squared_error", "logistic", "softmax_cross_entropy"]
