@@ -48,6 +48,10 @@ def _forward_jacobian(layer, params, z, wrt_params: bool):
     primal = params if wrt_params else z
     flat, unravel = ravel_pytree(primal)
     n_in = flat.shape[0]
+    if n_in == 0:  # no parameters: the Jacobian is as empty as they are
+        out_shape = jax.eval_shape(layer.apply, params, z[None]).shape[1:]
+        return jax.tree.map(lambda leaf: jnp.zeros(out_shape + jnp.shape(leaf), jnp.result_type(leaf)),
+                            primal)
     basis = jnp.eye(n_in, dtype=flat.dtype)
 
     def column(v):

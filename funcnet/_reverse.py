@@ -149,14 +149,15 @@ def vjp(net: Layer, params, x):
     """
     check_batch(net, params, x)
     out, pullback = layer_vjp(net, params, x)
-    return out, Partial(_checked_pullback, pullback, jax.ShapeDtypeStruct(out.shape, out.dtype))
+    # the output shape is static: bound into the function part of the Partial, not a leaf
+    return out, Partial(functools.partial(_checked_pullback, tuple(out.shape)), pullback)
 
 
-def _checked_pullback(pullback, out_struct, ct):
-    if jnp.shape(ct) != out_struct.shape:
+def _checked_pullback(out_shape, pullback, ct):
+    if jnp.shape(ct) != out_shape:
         raise LayerError(
             f"the cotangent passed to the pullback has shape {shape_str(jnp.shape(ct))}, "
-            f"but the network's output has shape {shape_str(out_struct.shape)}; pass an "
+            f"but the network's output has shape {shape_str(out_shape)}; pass an "
             f"array shaped like the output."
         )
     return pullback(ct)
