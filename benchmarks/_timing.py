@@ -24,28 +24,50 @@ import numpy as np
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int,
-                      warmup: int = 1) -> Dict[str, List[float]]:
+                      warmup: int = 1, seed: int = 0) -> Dict[str, List[float]]:
     """Wall-clock seconds of every repetition of every contender, interleaved.
 
     Each callable takes no argument and must block until its result is ready (e.g. end in
     ``jax.block_until_ready``). ``warmup`` untimed rounds (compilation, caches) run first,
-    then ``repeats`` rounds, each calling every contender once in turn; the starting
-    contender rotates from round to round so that none always runs first.
+    then ``repeats`` rounds, each calling every contender once, in a fresh (seeded) random
+    order every round; see :func:`shuffled_times`.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    return shuffled_times(fns, repeats, warmup, seed=seed, block=1)[0]
+
+
+def shuffled_times(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                   seed: int = 0, block: int = 1):
+    """Seconds per step of every contender, interleaved: ``repeats`` rounds (after
+    ``warmup`` untimed ones), each running every contender for ``block`` consecutive
+    steps, the contenders in a fresh random order every round (seeded).
+
+    Returns ``(times, switches)``: ``times[name]`` the step times kept, ``switches[name]``
+    those of the first step of each block when ``block > 1``, which are left out of
+    ``times``: that step absorbs the switch from another contender (caches flushed by a
+    2048 x 2048 matmul, PyTorch's threads winding down), while a training loop runs the
+    same step back to back. A fixed rotation (A B C, B C A, ...) would moreover keep each
+    contender behind the same neighbour: the random order spreads whatever is left of
+    such effects over all contenders alike.
+    """
+    if repeats < 1 or block < 1:
+        raise ValueError(f"repeats and block must be >= 1, got {repeats} and {block}")
+    rng = np.random.default_rng(seed)
     names = list(fns)
     for _ in range(max(0, warmup)):
-        for name in names:
-            fns[name]()
+        for i in rng.permutation(len(names)):
+            for _ in range(block):
+                fns[names[i]]()
     times: Dict[str, List[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+    switches: Dict[str, List[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for i in rng.permutation(len(names)):
+            name = names[i]
+            for k in range(block):
+                start = time.perf_counter()
+                fns[name]()
+                elapsed = time.perf_counter() - start
+                (switches if k == 0 and block > 1 else times)[name].append(elapsed)
+    return times, switches
 
 
 def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeats: int,

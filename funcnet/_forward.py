@@ -76,7 +76,7 @@ def _repeat_jvp(layer, params, z, params_dot, z_dot):
         w_k, w_k_dot = w_and_dot
         return layer_jvp(layer.layer, w_k, z_k, w_k_dot, z_k_dot), None
 
-    return jax.lax.scan(step, (z, z_dot), (params, params_dot))[0]
+    return jax.lax.scan(step, (z, z_dot), (params, params_dot), length=layer.n)[0]
 
 
 def jvp(net: Layer, params, x, params_dot=None, x_dot=None):

@@ -127,32 +127,34 @@ def repeat_vjp(repeat: Repeat, params, z, policy: str):
     """``(out, pullback)`` of a repeat under the ``sqrt`` or ``recompute`` policy."""
     if policy == "sqrt":
         size = _divisor_near_sqrt(repeat.n)
-        segments = jax.tree.map(
-            lambda a: a.reshape((repeat.n // size, size) + a.shape[1:]), params)
+        count = repeat.n // size
+        segments = jax.tree.map(lambda a: a.reshape((count, size) + a.shape[1:]), params)
+        segment = Repeat(repeat.layer, size)
         out, segment_inputs = jax.lax.scan(
-            lambda z_k, w_segment: (Repeat(repeat.layer, size).apply(w_segment, z_k), z_k),
-            z, segments)
-        return out, Partial(functools.partial(_repeat_sqrt_pullback, repeat.layer),
+            lambda z_k, w_segment: (segment.apply(w_segment, z_k), z_k), z, segments,
+            length=count)
+        return out, Partial(functools.partial(_repeat_sqrt_pullback, repeat.layer, size, count),
                             segments, segment_inputs)
     out = repeat.apply(params, z)
-    return out, Partial(functools.partial(_repeat_recompute_pullback, repeat.layer), params, z)
+    return out, Partial(functools.partial(_repeat_recompute_pullback, repeat.layer, repeat.n),
+                        params, z)
 
 
-def _repeat_sqrt_pullback(layer, segments, segment_inputs, q):
+def _repeat_sqrt_pullback(layer, size, count, segments, segment_inputs, q):
     def segment_step(q_next, segment):
         w_segment, z_in = segment
         w_segment, z_in, q_next = _barrier((w_segment, z_in, q_next))
-        _, pullbacks = jax.lax.scan(lambda z_k, w_k: layer_vjp(layer, w_k, z_k), z_in, w_segment)
-        grads, q = _repeat_pullback(pullbacks, q_next)
+        _, pullbacks = jax.lax.scan(lambda z_k, w_k: layer_vjp(layer, w_k, z_k), z_in,
+                                    w_segment, length=size)
+        grads, q = _repeat_pullback(size, pullbacks, q_next)
         return q, grads
 
-    q, grads = jax.lax.scan(segment_step, q, (segments, segment_inputs), reverse=True)
+    q, grads = jax.lax.scan(segment_step, q, (segments, segment_inputs), reverse=True,
+                            length=count)
     return jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), grads), q
 
 
-def _repeat_recompute_pullback(layer, params, z0, q):
-    n = jax.tree.leaves(params)[0].shape[0]
-
+def _repeat_recompute_pullback(layer, n, params, z0, q):
     def copy(tree, k):
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, k, keepdims=False), tree)
 

@@ -44,7 +44,7 @@ class Repeat(Layer):
         def body(z, w):
             return self.layer.apply(w, z), None
 
-        return jax.lax.scan(body, z, params)[0]
+        return jax.lax.scan(body, z, params, length=self.n)[0]
 
     def check(self, params, in_shape, path: Path = ()):
         leaves = jax.tree.leaves(params)
@@ -59,7 +59,14 @@ class Repeat(Layer):
         one_copy = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(jax.numpy.shape(leaf)[1:], jax.numpy.result_type(leaf)),
             params)
-        out_shape = self.layer.check(one_copy, in_shape, path + ((0, self.layer.name),))
+        try:
+            out_shape = self.layer.check(one_copy, in_shape, path + ((0, self.layer.name),))
+        except LayerError as error:
+            raise LayerError(
+                f"{error.problem} (This is one copy inside {self.name}, whose params are "
+                f"those of one copy stacked along a leading axis of {self.n}.)",
+                error.path,
+            ) from None
         _check_shape_kept(self, in_shape, out_shape, path)
         return tuple(in_shape)
 

@@ -55,8 +55,8 @@ def layer_vjp(layer: Layer, params, z, remat: str = "keep"):
 
             return _remat.repeat_vjp(layer, params, z, remat)
         out, pullbacks = jax.lax.scan(
-            lambda z_k, w_k: layer_vjp(layer.layer, w_k, z_k), z, params)
-        return out, Partial(_repeat_pullback, pullbacks)
+            lambda z_k, w_k: layer_vjp(layer.layer, w_k, z_k), z, params, length=layer.n)
+        return out, Partial(functools.partial(_repeat_pullback, layer.n), pullbacks)
     if is_concrete(params, z):  # called without jit: run compiled per-layer code
         out, pullback = compiled_vjp(layer)(params, z)
         return out, Partial(_run_pullback, pullback)
@@ -113,14 +113,14 @@ def backward_pass(pullbacks, q):
     return tuple(grads), cotangents[::-1]
 
 
-def _repeat_pullback(pullbacks, q):
+def _repeat_pullback(n, pullbacks, q):
     """The backward loop of a repeat: a reversed scan over its n stacked pullbacks."""
 
     def step(q_next, pullback):
         p, q = pullback(q_next)
         return q, p
 
-    q, grads = jax.lax.scan(step, q, pullbacks, reverse=True)
+    q, grads = jax.lax.scan(step, q, pullbacks, reverse=True, length=n)
     return grads, q
 
 

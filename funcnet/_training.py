@@ -242,7 +242,9 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         def step(state, indices):
             batch_x, batch_y = shard_batch(mesh, (x[indices], jax.tree.map(lambda t: t[indices], y)))
             return sharded_step(state, batch_x, batch_y)
-    log_every = max(1, steps_per_epoch // 20)
+    # how often losses come back to the host (a device sync): about 20 times an epoch,
+    # but never more often than every 50 steps, so small steps are not held up by it
+    log_every = max(50, steps_per_epoch // 20)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
