@@ -45,7 +45,7 @@ class Layer:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
       >>> def init(key, in_shape):
       ...     return {"scale": jnp.ones(in_shape)}, in_shape
-      >>> scale = fnet.Layer(init, lambda p, z: p["scale"] * z, name="scale")
+      >>> scale = fnet.Layer(init, lambda p, z: p["scale"][None] * z, name="scale")
       >>> params, out_shape = scale.init(jax.random.key(0), (3,))
       >>> out_shape
       (3,)
@@ -205,7 +205,7 @@ def layer(g: ApplyFn, init_params: Optional[Callable[[jax.Array, Shape], Params]
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
-      >>> scale = fnet.layer(lambda w, z: w * z,
+      >>> scale = fnet.layer(lambda w, z: w[None] * z,  # w: (4,), z: (batch, 4)
       ...                    lambda key, shape: jnp.ones(shape), name="scale")
       >>> net = fnet.chain(fnet.dense(4), scale, fnet.tanh)
       >>> params, out_shape = net.init(jax.random.key(0), (3,))

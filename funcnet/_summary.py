@@ -81,7 +81,7 @@ def summary(net: Layer, in_shape) -> Summary:
       >>> import funcnet as fnet
       >>> s = fnet.summary(fnet.chain(fnet.dense(4), fnet.relu, fnet.dense(2)), (3,))
       >>> s.total_params, s.total_flops
-      (26, 46)
+      (26, 50)
     """
     rows: List[SummaryRow] = []
     _walk(net, tuple(int(d) for d in in_shape), 0, None, rows)
