@@ -135,3 +135,21 @@ def test_repeat_depth_smoke(tmp_path, capsys):
     assert step["grad_rel_diff"] < 1e-4
     assert [r["policy"] for r in results["remat"]] == ["keep", "sqrt", "recompute"]
     assert all(_positive_finite(r["flops_over_keep"]) for r in results["remat"])
+
+
+def test_eager_smoke(tmp_path, capsys):
+    rows = _load("eager").main(["--quick", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert {row["call"] for row in rows} == {"value_and_grad", "backprop", "jvp",
+                                             "jax.value_and_grad (reference)"}
+    assert all(_positive_finite(row["eager_over_jit"]) for row in rows)
+    assert all(row["caches_stable"] for row in rows)
+    saved = json.loads((tmp_path / "eager.json").read_text())
+    assert len(saved["targets"]) == 4 and "eager / jit" in out
+
+
+def test_all_runs_the_chosen_benchmarks(tmp_path, capsys):
+    _load("all").main(["eager", "--quick", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "######## benchmarks/eager.py --quick" in out and "peers" not in out
+    assert (tmp_path / "eager.json").exists()
