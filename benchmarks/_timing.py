@@ -14,13 +14,14 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+
+from funcnet.atomic import atomic_write
 
 
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], repeats: int,
@@ -190,19 +191,14 @@ def write_json(path, data: Dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, sort_keys=True, default=_jsonable).encode()
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def write_text(path, text: str) -> Path:
+    """Writes ``text`` atomically (see :func:`funcnet.atomic.atomic_write`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _jsonable(value):

@@ -49,7 +49,8 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from _timing import environment, table, target_row, targets_table, write_json  # noqa: E402
+from _timing import (environment, table, target_row, targets_table, write_json,  # noqa: E402
+                     write_text)
 
 NAME = "epoch"
 HIDDEN = (256, 256)
@@ -316,28 +317,9 @@ def main(argv=None):
     }
     folder = Path(args.results)
     write_json(folder / f"{NAME}.json", results)
-    _write_text(folder / f"{NAME}.md", text)
+    write_text(folder / f"{NAME}.md", text)
     print(f"wrote {folder / (NAME + '.json')} and {folder / (NAME + '.md')}")
     return results
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic: a temporary file beside ``path``, fsync, rename."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
 
 
 if __name__ == "__main__":

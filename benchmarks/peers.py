@@ -69,7 +69,6 @@ import math
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -83,7 +82,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from _timing import (cost_flops, environment, shuffled_times, summarize,  # noqa: E402
+from _timing import (cost_flops, environment, shuffled_times, summarize, write_text,  # noqa: E402
                      table, target_row, targets_table, write_json)
 
 NAME = "peers"
@@ -577,24 +576,6 @@ def machine_line(m: Dict[str, Any], load_end) -> str:
                  if load and load_end else "")
     return (f"Machine: {m['cpu']}, {m['cpu_count']} CPUs ({m['usable_cores']} usable), "
             f"JAX backend {m['jax_backend']}{load_text}.")
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Atomic: a temporary file beside ``path``, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
-    return path
 
 
 def make_targets(rows, summaries, tiny_rows):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
+
+from funcnet.atomic import atomic_write
 
 
 def results_dir(path: str) -> Path:
@@ -15,32 +15,15 @@ def results_dir(path: str) -> Path:
     return folder
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Writes through ``write(file)`` to a temporary file beside ``path``, fsyncs, renames."""
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
-
-
 def write_json(path: Path, data: Dict[str, Any]) -> None:
     """Every number of a run, as JSON, written atomically."""
     text = json.dumps(data, indent=2, sort_keys=True, default=float).encode()
-    _atomic_write(path, lambda f: f.write(text))
+    atomic_write(path, lambda f: f.write(text))
 
 
 def save_figure(figure, path: Path) -> None:
     """A matplotlib figure as PNG, written atomically."""
-    _atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
 def table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:

@@ -41,19 +41,18 @@ target and can be deleted.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import operator
 import os
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from funcnet.atomic import atomic_write
 
 __all__ = ["Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "info", "load",
            "save"]
@@ -151,7 +150,7 @@ def save(path: PathLike, tree: Any, *, step: Optional[int] = None,
 
     entries = {_HEADER: np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)}
     entries.update((f"leaf_{i}", array) for i, array in enumerate(stored))
-    _atomic_write(path, entries)
+    atomic_write(path, lambda file: _write_archive(file, entries))
     return path
 
 
@@ -265,56 +264,6 @@ def _checksum(header: dict, stored: List[np.ndarray]) -> str:
 def _write_archive(file, entries: Dict[str, np.ndarray]) -> None:
     """The archive itself (a separate function so tests can interrupt it)."""
     np.savez(file, **entries)
-
-
-def _atomic_write(path: Path, entries: Dict[str, np.ndarray]) -> None:
-    """Temporary file in the same directory, fsync, rename onto ``path``, fsync the
-    directory; on any exception the temporary file is removed and ``path`` untouched."""
-    mode = _file_mode(path)
-    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.",
-                                      suffix=".tmp", delete=False)
-    try:
-        with tmp:
-            _write_archive(tmp, entries)
-            tmp.flush()
-            if hasattr(os, "fchmod"):
-                os.fchmod(tmp.fileno(), mode)
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp.name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _file_mode(path: Path) -> int:
-    """The existing file's permissions, else the usual 0o666 minus the umask (the
-    temporary file is created 0o600)."""
-    with contextlib.suppress(OSError):
-        return stat.S_IMODE(os.stat(path).st_mode)
-    umask = None
-    with contextlib.suppress(OSError, ValueError):  # Linux: read it without changing it.
-        with open("/proc/self/status") as status:
-            umask = next((int(line.split()[1], 8) for line in status
-                          if line.startswith("Umask:")), None)
-    if umask is None:
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable. Not possible on Windows, and some file systems refuse it;
-    the rename has happened by then, so a refusal only weakens durability on power loss."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ----------------------------------------------------------------------------- load

@@ -28,12 +28,13 @@ import math
 import os
 import pathlib
 import struct
-import tempfile
 import zipfile
 import zlib
 from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
+
+from funcnet.atomic import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -492,37 +493,9 @@ def write_idx(path: PathLike, array, *, compress: Optional[bool] = None) -> path
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
-    directory = path.parent
-    if not directory.is_dir():
-        raise _missing(directory, "directory to write into")
-    try:
-        mode = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX); not possible everywhere
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    if not path.parent.is_dir():
+        raise _missing(path.parent, "directory to write into")
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------
