@@ -28,37 +28,15 @@ from funcnet._layer import abstract_init
 
 # pytest runs with --import-mode=importlib, which puts no test directory on sys.path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from exactness import TOL, assert_close, random_params, rel_err  # noqa: E402
 from strategies import activations  # noqa: E402
 
-TOL = 1e-10
-TINY = 1e-300
 LOSS = fnet.losses.squared_error
 OUT = 3  # output width of the networks below
 
 
 # ---------------------------------------------------------------------------------------
 # Helpers.
-
-def rel_err(actual, expected) -> float:
-    """max |a - e| / max |e| (floored at TINY), over one pair of arrays."""
-    a, e = np.asarray(actual), np.asarray(expected)
-    return float(np.max(np.abs(a - e), initial=0.0)) / max(
-        float(np.max(np.abs(e), initial=0.0)), TINY)
-
-
-def assert_close(actual, expected, what: str) -> None:
-    """Same tree structure and leaf shapes, rel_err <= TOL leaf by leaf."""
-    assert jax.tree.structure(actual) == jax.tree.structure(expected), (
-        f"{what}: structure {jax.tree.structure(actual)} != {jax.tree.structure(expected)}")
-    paths_and_leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
-    for (path, e), a in zip(paths_and_leaves, jax.tree.leaves(actual)):
-        where = f"{what} at {jax.tree_util.keystr(path) or 'the leaf'}"
-        assert jnp.shape(a) == jnp.shape(e), f"{where}: shape {jnp.shape(a)} != {jnp.shape(e)}"
-        assert jnp.result_type(a) == jnp.result_type(e), (
-            f"{where}: dtype {jnp.result_type(a)} != {jnp.result_type(e)}")
-        err = rel_err(a, e)
-        assert err <= TOL, f"{where}: relative error {err:.3e} > {TOL:g}"
-
 
 def unroll(layer, params, take=lambda a, k: a[k]):
     """``(chain(block, ..., block), unstacked params)`` for every repeat inside ``layer``.
@@ -106,21 +84,6 @@ def build(kind: str, width: int, n: int, act: fnet.Layer):
     inner = fnet.repeat(fnet.residual(block), 1 + n % 3)
     return fnet.chain(fnet.dense(width), fnet.repeat(inner, max(1, n // 2)),
                       fnet.dense(OUT)), 3
-
-
-def random_params(net, in_shape, rng):
-    """Float64 params of ``net`` (the structure and shapes ``net.init`` builds), drawn
-    with NumPy: dense kernels N(0, 1/fan_in), everything else N(0, 0.1^2). Cheaper than
-    ``net.init``, which compiles JAX's random bits for every new shape."""
-    structs, out_shape = abstract_init(net, tuple(in_shape))
-
-    def draw(path, struct):
-        shape = struct.shape
-        if jax.tree_util.keystr(path[-1:]) == "['w']":
-            return jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2]))
-        return jnp.asarray(0.1 * rng.standard_normal(shape))
-
-    return jax.tree_util.tree_map_with_path(draw, structs), out_shape
 
 
 def random_like(rng, tree):
