@@ -181,8 +181,13 @@ def environment() -> Dict[str, Any]:
     }
 
 
-def default_results(name: str) -> str:
-    return os.path.join("results", "benchmarks", f"{name}.json")
+def save_results(name: str, folder, results: Dict[str, Any]) -> Path:
+    """Writes ``results`` to ``<folder>/<name>.json`` (default folder results/benchmarks),
+    atomically, and says where."""
+    path = write_json(Path(folder or os.path.join("results", "benchmarks")) / f"{name}.json",
+                      results)
+    print(f"\nwrote {path}")
+    return path
 
 
 def write_json(path, data: Dict[str, Any]) -> Path:

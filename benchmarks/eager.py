@@ -28,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
 from funcnet import _forward, _reverse  # noqa: E402
-from _timing import (blocking, default_results, environment, interleaved_times,  # noqa: E402
-                     numpy_normal, numpy_params, table, target_row, targets_table,
-                     write_json)
+from _timing import (blocking, save_results, environment, interleaved_times,  # noqa: E402
+                     numpy_normal, numpy_params, table, target_row, targets_table)
 
 NAME = "eager"
 TARGET = 2.0
@@ -107,10 +106,8 @@ def main(argv=None):
                 ["configuration", "call", "eager ms", "jit ms", "eager / jit"]))
     print()
     print(targets_table(targets))
-    path = Path(args.results or Path(default_results(NAME)).parent) / f"{NAME}.json"
-    write_json(path, {"benchmark": NAME, "environment": environment(), "repeats": repeats,
-                      "rows": rows, "targets": targets})
-    print(f"\nwrote {path}")
+    save_results(NAME, args.results, {"benchmark": NAME, "environment": environment(),
+                                      "repeats": repeats, "rows": rows, "targets": targets})
     return rows
 
 

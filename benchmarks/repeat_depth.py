@@ -42,9 +42,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from _timing import (blocking, cost_flops, default_results, environment,  # noqa: E402
+from _timing import (blocking, cost_flops, save_results, environment,  # noqa: E402
                      interleaved_times, max_rel_diff, memory_stats, mib, numpy_normal,
-                     numpy_params, summarize, table, target_row, targets_table, write_json)
+                     numpy_params, summarize, table, target_row, targets_table)
 
 NAME = "repeat_depth"
 COMPILE_TARGET = 2.0
@@ -290,9 +290,7 @@ def main(argv=None):
         "remat": remat,
         "targets": targets,
     }
-    folder = Path(args.results) if args.results else Path(default_results(NAME)).parent
-    path = write_json(folder / f"{NAME}.json", results)
-    print(f"\nwrote {path}")
+    save_results(NAME, args.results, results)
     return results
 
 
