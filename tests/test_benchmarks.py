@@ -2,7 +2,6 @@
 targets, and writes a JSON of sane numbers (positive, finite ratios). No timing threshold
 is asserted here: timings are the benchmarks' business, on a quiet machine."""
 
-import importlib.util
 import json
 import math
 import sys
@@ -11,19 +10,14 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts import BENCHMARKS, load_script  # noqa: E402
+
 SCRIPTS = ["jacobian_accumulation", "remat_memory", "repeat_depth"]
 
 
 def _load(name):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_script(BENCHMARKS, name)
 
 
 def _positive_finite(value):

@@ -6,7 +6,6 @@ funcnet row, ratios are finite and positive, a peer that cannot be imported is r
 timings are the benchmarks' business, on a quiet machine.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -16,19 +15,16 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts import BENCHMARKS, load_script  # noqa: E402
+
 
 
 def _load(name):
-    sys.path.insert(0, str(BENCHMARKS))
     saved = os.environ.get("OMP_WAIT_POLICY")
     try:
-        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return load_script(BENCHMARKS, name)
     finally:
-        sys.path.remove(str(BENCHMARKS))
         if saved is None:  # peers.py sets it for torch; leave this process as it was
             os.environ.pop("OMP_WAIT_POLICY", None)
 

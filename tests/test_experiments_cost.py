@@ -2,26 +2,20 @@
 run, write JSON and PNG, and their numbers say what the experiments claim. No timing is
 asserted (the machine is shared); FLOPs and bytes are deterministic."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts import EXPERIMENTS, load_script  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _load(name):
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+    return load_script(EXPERIMENTS, name)
 
 
 def _outputs(folder, *pngs):
