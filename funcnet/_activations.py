@@ -2,12 +2,15 @@
 
 For these layers A_i is empty (params ``()``) and B_i is diagonal: B_i = diag(sigma'(z_i)),
 so the backward step q_i = B_i^T q_{i+1} is the elementwise product sigma'(z_i) * q_{i+1}.
+For tanh, sigmoid, relu and identity sigma'(z_i) is also a function of the layer's output
+y = sigma(z_i) (``derivative_of_output``): 1 - y^2, y (1 - y), [y > 0] and 1. A repeat uses
+that to keep one activation per layer instead of two (see ``funcnet._repeat_residuals``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +21,15 @@ from funcnet._layer import Layer
 
 @dataclasses.dataclass(frozen=True)
 class Elementwise(Layer):
-    """A parameterless layer applying ``fn`` to every entry; params ``()``."""
+    """A parameterless layer applying ``fn`` to every entry; params ``()``.
+
+    ``derivative_of_output``, when given, maps the output y = fn(z) to fn'(z) (same shape
+    and dtype): the backward step can then be taken from the output alone.
+    """
 
     fn: Callable[[jax.Array], jax.Array]
     name: str
+    derivative_of_output: Optional[Callable[[jax.Array], jax.Array]] = None
 
     def init(self, key, in_shape):
         return (), tuple(in_shape)
@@ -34,13 +42,25 @@ def _gelu(z):
     return jax.nn.gelu(z, approximate=False)
 
 
+def _tanh_derivative(y):
+    return 1 - y * y
+
+
+def _sigmoid_derivative(y):
+    return y * (1 - y)
+
+
+def _relu_derivative(y):
+    return (y > 0).astype(y.dtype)  # y > 0 exactly where z > 0; 0 at z = 0, as JAX's relu
+
+
 #: max(z, 0); its derivative at 0 is 0 (JAX's convention, and the lecture notes').
-relu = Elementwise(jax.nn.relu, "relu")
-tanh = Elementwise(jnp.tanh, "tanh")
-sigmoid = Elementwise(jax.nn.sigmoid, "sigmoid")
+relu = Elementwise(jax.nn.relu, "relu", _relu_derivative)
+tanh = Elementwise(jnp.tanh, "tanh", _tanh_derivative)
+sigmoid = Elementwise(jax.nn.sigmoid, "sigmoid", _sigmoid_derivative)
 softplus = Elementwise(jax.nn.softplus, "softplus")
 gelu = Elementwise(_gelu, "gelu")
-identity = Elementwise(lambda z: z, "identity")
+identity = Elementwise(lambda z: z, "identity", jnp.ones_like)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,8 +33,7 @@ from jax.tree_util import Partial
 from funcnet._chain import Chain, top_level
 from funcnet._inputs import check_batch
 from funcnet._repeat import Repeat
-from funcnet._reverse import (_repeat_pullback, backward_pass, forward_pass, layer_vjp,
-                              loss_and_seed)
+from funcnet._reverse import backward_pass, forward_pass, layer_vjp, loss_and_seed
 
 def _barrier(tree):
     """``tree``, made to depend on its last entry (the incoming cotangent q).
@@ -144,9 +143,8 @@ def _repeat_sqrt_pullback(layer, size, count, segments, segment_inputs, q):
     def segment_step(q_next, segment):
         w_segment, z_in = segment
         w_segment, z_in, q_next = _barrier((w_segment, z_in, q_next))
-        _, pullbacks = jax.lax.scan(lambda z_k, w_k: layer_vjp(layer, w_k, z_k), z_in,
-                                    w_segment, length=size)
-        grads, q = _repeat_pullback(size, pullbacks, q_next)
+        _, pullback = layer_vjp(Repeat(layer, size), w_segment, z_in)  # keep, inside
+        grads, q = pullback(q_next)
         return q, grads
 
     q, grads = jax.lax.scan(segment_step, q, (segments, segment_inputs), reverse=True,

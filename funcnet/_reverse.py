@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+from funcnet import _repeat_residuals
 from funcnet._chain import Chain, Residual, top_level
 from funcnet._errors import LayerError, shape_str
 from funcnet._inputs import check_batch, check_scalar_loss, check_targets
@@ -37,7 +38,8 @@ REMAT_POLICIES = ("keep", "sqrt", "recompute")
 def layer_vjp(layer: Layer, params, z, remat: str = "keep"):
     """``(z_next, pullback)`` with ``pullback(q_next) -> (p, q) = (A^T q_next, B^T q_next)``.
 
-    Chains and residuals recurse into this module's own loop, a repeat into a scan; any
+    Chains and residuals recurse into this module's own loop, a repeat into two scans
+    that keep only the activations its layers need (``funcnet._repeat_residuals``); any
     other layer is one ``jax.vjp`` of its ``apply``. The pullback is a pytree (a
     ``jax.tree_util.Partial``), so it may be returned from a jitted function or stacked
     by ``jax.lax.scan``. ``remat`` is the memory policy of repeats inside the layer (see
@@ -54,9 +56,7 @@ def layer_vjp(layer: Layer, params, z, remat: str = "keep"):
             from funcnet import _remat  # the policies build on this module
 
             return _remat.repeat_vjp(layer, params, z, remat)
-        out, pullbacks = jax.lax.scan(
-            lambda z_k, w_k: layer_vjp(layer.layer, w_k, z_k), z, params, length=layer.n)
-        return out, Partial(functools.partial(_repeat_pullback, layer.n), pullbacks)
+        return _repeat_residuals.repeat_vjp(layer, params, z, layer_vjp)
     if is_concrete(params, z):  # called without jit: run compiled per-layer code
         out, pullback = compiled_vjp(layer)(params, z)
         return out, Partial(_run_pullback, pullback)
@@ -111,17 +111,6 @@ def backward_pass(pullbacks, q):
         grads[i], q = pullbacks[i](q)  # p_i = A_i^T q_{i+1},  q_i = B_i^T q_{i+1}
         cotangents.append(q)
     return tuple(grads), cotangents[::-1]
-
-
-def _repeat_pullback(n, pullbacks, q):
-    """The backward loop of a repeat: a reversed scan over its n stacked pullbacks."""
-
-    def step(q_next, pullback):
-        p, q = pullback(q_next)
-        return q, p
-
-    q, grads = jax.lax.scan(step, q, pullbacks, reverse=True, length=n)
-    return grads, q
 
 
 def _chain_pullback(pullbacks, q):
