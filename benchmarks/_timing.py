@@ -169,7 +169,9 @@ def memory_stats(compiled) -> Dict[str, float]:
 
 
 def environment() -> Dict[str, Any]:
-    """Where the numbers were taken: versions, backend, devices, cores."""
+    """Where the numbers were taken: versions, backend, devices, cores, and the glibc
+    malloc settings from the environment (``MALLOC_*``), which decide whether large
+    buffers are mmap-ed, and page-faulted, afresh on every call."""
     return {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
@@ -178,6 +180,7 @@ def environment() -> Dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
 
 

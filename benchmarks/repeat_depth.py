@@ -10,9 +10,13 @@ grows linearly. With block = chain(dense(W), tanh) and squared error, this scrip
   (``jax.clear_caches()`` before each, contenders interleaved), for repeat and unrolled
   at a small and a large depth (default 4 and 128);
 - step time of the jitted value_and_grad, repeat against unrolled at the same depth
-  (default 32 and 128), the median of interleaved repetitions in one process, with the
-  gradients' max relative difference as a sanity column; as reference rows,
-  ``jax.value_and_grad`` of the same two nets (jax's own autodiff of the scan);
+  (default 32 and 128) and for several widths (default 128, 256, 512), the median of
+  interleaved repetitions in one process, with the gradients' max relative difference as
+  a sanity column; as reference rows, ``jax.value_and_grad`` of the same two nets (jax's
+  own autodiff of the scan);
+- with each step row, the temporary memory XLA plans for the repeat's step, funcnet's and
+  jax.value_and_grad's, in units of one (n, B, W) stack of activations: what the repeat
+  keeps for its backward pass (``funcnet._repeat_residuals``);
 - report only: XLA's temporary memory and FLOPs of the 128-deep repeat under the remat
   policies keep / sqrt / recompute (XLA counts a loop body's FLOPs once, whatever the
   trip count, so those FLOPs are per loop iteration, not per step).
@@ -23,7 +27,8 @@ gradients equal the unrolled chain's to 1e-10 in float64 is a test, not a benchm
 
     python benchmarks/repeat_depth.py --help
     python benchmarks/repeat_depth.py --quick        # W=32, batch 16, depths 4 and 16
-    python benchmarks/repeat_depth.py                # W=256, batch 256, depths 4/128, 32/128
+    python benchmarks/repeat_depth.py                # batch 256; compile: W=256, depths
+                                                     # 4/128; steps: W=128/256/512, 32/128
 """
 
 from __future__ import annotations
@@ -112,12 +117,12 @@ def max_rel_difference(grads_repeat, grads_unrolled):
     return max_rel_diff(grads_repeat, stacked)
 
 
-def step_times(width, batch, depths, repeats, warmup, seed, jax_reference=True):
-    """Per depth: median step times of repeat and unrolled (interleaved; with
-    ``jax_reference`` also jax.value_and_grad of both, i.e. jax's own scan autodiff) and
-    the grads' relative difference."""
+def step_times(widths, batch, depths, repeats, warmup, seed, jax_reference=True):
+    """Per width and depth: median step times of repeat and unrolled (interleaved; with
+    ``jax_reference`` also jax.value_and_grad of both, i.e. jax's own scan autodiff), the
+    grads' relative difference, and the temporary memory of the repeat's step."""
     results = []
-    for depth in depths:
+    for width, depth in ((w, d) for w in widths for d in depths):
         stacked, unstacked, x, y = make_inputs(width, depth, batch, seed)
         repeat, unrolled = nets(width, depth)
         fns = {"repeat": (fnet.value_and_grad(repeat, LOSS), stacked),
@@ -136,7 +141,9 @@ def step_times(width, batch, depths, repeats, warmup, seed, jax_reference=True):
                                    for name, (f, params) in fns.items()},
                                   repeats=repeats, warmup=warmup)
         stats = {name: summarize(ts) for name, ts in times.items()}
+        one_stack = depth * batch * width * np.dtype(np.float32).itemsize
         row = {
+            "width": width,
             "depth": depth,
             "seconds": stats,
             "repeat_seconds": stats["repeat"]["median"],
@@ -147,6 +154,9 @@ def step_times(width, batch, depths, repeats, warmup, seed, jax_reference=True):
             "grad_rel_diff": max_rel_difference(outputs["repeat"][1], outputs["unrolled"][1]),
             "xla_flops_repeat_loop_body_once": cost_flops(fns["repeat"][0]),
             "xla_flops_unrolled": cost_flops(fns["unrolled"][0]),
+            "temp_mib_repeat": mib(memory_stats(fns["repeat"][0])["temp_size_in_bytes"]),
+            "stacks_kept_repeat": (memory_stats(fns["repeat"][0])["temp_size_in_bytes"]
+                                   / one_stack),
         }
         if jax_reference:
             row["jax_repeat_seconds"] = stats["jax_repeat"]["median"]
@@ -155,11 +165,15 @@ def step_times(width, batch, depths, repeats, warmup, seed, jax_reference=True):
                                                    / stats["jax_unrolled"]["median"])
             row["grad_rel_diff_jax_repeat"] = max_rel_difference(outputs["jax_repeat"][1],
                                                                  outputs["unrolled"][1])
+            jax_temp = memory_stats(fns["jax_repeat"][0])["temp_size_in_bytes"]
+            row["temp_mib_jax_repeat"] = mib(jax_temp)
+            row["stacks_kept_jax_repeat"] = jax_temp / one_stack
         else:
             row["jax_repeat_seconds"] = row["jax_unrolled_seconds"] = math.nan
             row["jax_repeat_over_jax_unrolled"] = math.nan
+            row["temp_mib_jax_repeat"] = row["stacks_kept_jax_repeat"] = math.nan
         results.append(row)
-        print(f"  step depth {depth}: repeat {1e3 * row['repeat_seconds']:.2f} ms, "
+        print(f"  step W={width} depth {depth}: repeat {1e3 * row['repeat_seconds']:.2f} ms, "
               f"unrolled {1e3 * row['unrolled_seconds']:.2f} ms", flush=True)
     return results
 
@@ -190,7 +204,10 @@ def main(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=None,
                         help=f"results folder (default results/benchmarks); writes {NAME}.json")
-    parser.add_argument("--width", type=int, help="block width W (default 256)")
+    parser.add_argument("--width", type=int, help="block width W of the compile runs "
+                        "(default 256)")
+    parser.add_argument("--widths", type=int, nargs="+",
+                        help="block widths of the step runs (default 128 256 512)")
     parser.add_argument("--batch", type=int, help="batch size (default 256)")
     parser.add_argument("--compile-depths", type=int, nargs=2, metavar=("SMALL", "LARGE"),
                         help="depths compiled (default 4 128)")
@@ -207,13 +224,14 @@ def main(argv=None):
     parser.add_argument("--no-remat", action="store_true", help="skip the remat memory report")
     parser.add_argument("--quick", action="store_true",
                         help="toy run: W=32, batch 16, compile depths 4 and 16, step depth "
-                             "16, 1 compile, 5 step rounds (options given explicitly win)")
+                             "16 at W=32, 1 compile, 5 step rounds (options given explicitly "
+                             "win)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
     args = parser.parse_args(argv)
-    quick = {"width": 32, "batch": 16, "compile_depths": [4, 16], "step_depths": [16],
-             "compile_repeats": 1, "repeats": 5, "warmup": 1}
-    full = {"width": 256, "batch": 256, "compile_depths": [4, 128], "step_depths": [32, 128],
-            "compile_repeats": 3, "repeats": 20, "warmup": 2}
+    quick = {"width": 32, "widths": [32], "batch": 16, "compile_depths": [4, 16],
+             "step_depths": [16], "compile_repeats": 1, "repeats": 5, "warmup": 1}
+    full = {"width": 256, "widths": [128, 256, 512], "batch": 256, "compile_depths": [4, 128],
+            "step_depths": [32, 128], "compile_repeats": 3, "repeats": 20, "warmup": 2}
     for option, value in (quick if args.quick else full).items():
         if getattr(args, option) is None:  # options given explicitly win over --quick
             setattr(args, option, value)
@@ -234,7 +252,7 @@ def main(argv=None):
     print(f"  compile: repeat {small} -> {large}: x{compile_ratio['repeat']:.2f}, unrolled "
           f"x{compile_ratio['unrolled']:.2f}", flush=True)
 
-    steps = step_times(args.width, args.batch, args.step_depths, args.repeats, args.warmup,
+    steps = step_times(args.widths, args.batch, args.step_depths, args.repeats, args.warmup,
                        args.seed, not args.no_jax_reference)
     remat = [] if args.no_remat else remat_analysis(args.width, args.batch, large, args.seed)
 
@@ -243,7 +261,8 @@ def main(argv=None):
                target_row(f"unrolled compile({large}) / compile({small}) (contrast)",
                           compile_ratio["unrolled"], "report", True)]
     for row in steps:
-        targets.append(target_row(f"depth {row['depth']}: repeat step / unrolled step",
+        targets.append(target_row(f"W={row['width']}, depth {row['depth']}: repeat step / "
+                                  f"unrolled step",
                                   row["repeat_over_unrolled"], f"<= {STEP_TARGET:g}",
                                   row["repeat_over_unrolled"] <= STEP_TARGET))
 
@@ -254,19 +273,24 @@ def main(argv=None):
                 ["net", "depth", "trace+lower s", "XLA compile s", "total s"]))
     print(f"\ncompile({large}) / compile({small}): repeat {compile_ratio['repeat']:.3g}, "
           f"unrolled {compile_ratio['unrolled']:.3g}")
-    print(f"\n## Step time of jitted value_and_grad (median of {args.repeats} interleaved runs)\n")
+    print(f"\n## Step time of jitted value_and_grad (median of {args.repeats} interleaved "
+          f"runs; batch {args.batch})\n")
     print(table([{**r, "repeat ms": 1e3 * r["repeat_seconds"],
                   "unrolled ms": 1e3 * r["unrolled_seconds"],
                   "jax repeat ms": 1e3 * r["jax_repeat_seconds"],
                   "jax unrolled ms": 1e3 * r["jax_unrolled_seconds"]} for r in steps],
-                ["depth", "repeat ms", "unrolled ms", "repeat_over_unrolled", "jax repeat ms",
-                 "jax unrolled ms", "jax_repeat_over_jax_unrolled", "grad_rel_diff"],
-                ["depth", "fnet repeat ms", "fnet unrolled ms", "repeat / unrolled",
+                ["width", "depth", "repeat ms", "unrolled ms", "repeat_over_unrolled",
+                 "jax repeat ms", "jax unrolled ms", "jax_repeat_over_jax_unrolled",
+                 "stacks_kept_repeat", "stacks_kept_jax_repeat", "grad_rel_diff"],
+                ["W", "depth", "fnet repeat ms", "fnet unrolled ms", "repeat / unrolled",
                  "jax.grad scan ms", "jax.grad unrolled ms", "jax scan / jax unrolled",
+                 "fnet repeat temp (stacks)", "jax.grad scan temp (stacks)",
                  "grad rel diff (float32)"]))
     print("\nThe jax.grad columns (reference) differentiate the same nets with jax's own "
           "autodiff: repeat.apply is a jax.lax.scan, so they show what XLA's loops cost "
-          "without funcnet's backward walk.")
+          "without funcnet's backward walk. temp (stacks): XLA's temporary memory for the "
+          "step over the size of one (n, B, W) float32 stack of activations; funcnet's "
+          "repeat keeps one per copy for dense + tanh, jax's scan autodiff three.")
     if remat:
         print(f"\n## Remat policies inside repeat(block, {large}) (compile-time analysis, "
               f"report only)\n")
@@ -279,7 +303,8 @@ def main(argv=None):
 
     results = {
         "benchmark": NAME,
-        "config": {"width": args.width, "batch": args.batch, "compile_depths": [small, large],
+        "config": {"width": args.width, "widths": args.widths, "batch": args.batch,
+                   "compile_depths": [small, large],
                    "step_depths": args.step_depths, "compile_repeats": args.compile_repeats,
                    "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
                    "dtype": "float32"},

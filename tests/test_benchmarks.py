@@ -125,8 +125,10 @@ def test_repeat_depth_smoke(tmp_path, capsys):
     assert all(_positive_finite(r["total_seconds"]) for r in results["compile"])
     assert all(_positive_finite(v) for v in results["compile_ratio"].values())
     (step,) = results["steps"]
-    assert step["depth"] == 8 and _positive_finite(step["repeat_over_unrolled"])
+    assert (step["width"], step["depth"]) == (32, 8)
+    assert _positive_finite(step["repeat_over_unrolled"])
     assert step["grad_rel_diff"] < 1e-4
+    assert _positive_finite(step["stacks_kept_repeat"])
     assert [r["policy"] for r in results["remat"]] == ["keep", "sqrt", "recompute"]
     assert all(_positive_finite(r["flops_over_keep"]) for r in results["remat"])
 
