@@ -143,7 +143,7 @@ def _repeat_sqrt_pullback(layer, size, count, segments, segment_inputs, q):
     def segment_step(q_next, segment):
         w_segment, z_in = segment
         w_segment, z_in, q_next = _barrier((w_segment, z_in, q_next))
-        _, pullback = layer_vjp(Repeat(layer, size), w_segment, z_in)  # keep, inside
+        _, pullback = layer_vjp(Repeat(layer, size), w_segment, z_in)  # keep within it
         grads, q = pullback(q_next)
         return q, grads
 
