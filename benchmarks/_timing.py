@@ -184,12 +184,16 @@ def environment() -> Dict[str, Any]:
     }
 
 
-def save_results(name: str, folder, results: Dict[str, Any]) -> Path:
-    """Writes ``results`` to ``<folder>/<name>.json`` (default folder results/benchmarks),
-    atomically, and says where."""
-    path = write_json(Path(folder or os.path.join("results", "benchmarks")) / f"{name}.json",
-                      results)
-    print(f"\nwrote {path}")
+def save_results(name: str, folder, results: Dict[str, Any],
+                 markdown: Optional[str] = None) -> Path:
+    """Writes ``results`` to ``<folder>/<name>.json`` (default folder results/benchmarks)
+    and, when given, ``markdown`` to ``<folder>/<name>.md``, atomically, and says where."""
+    folder = Path(folder or os.path.join("results", "benchmarks"))
+    path = write_json(folder / f"{name}.json", results)
+    written = [path]
+    if markdown is not None:
+        written.append(write_text(folder / f"{name}.md", markdown))
+    print(f"\nwrote {' and '.join(str(p) for p in written)}")
     return path
 
 

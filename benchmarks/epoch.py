@@ -49,8 +49,8 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from _timing import (environment, table, target_row, targets_table, write_json,  # noqa: E402
-                     write_text)
+from _timing import (environment, save_results, table, target_row,  # noqa: E402
+                     targets_table)
 
 NAME = "epoch"
 HIDDEN = (256, 256)
@@ -315,10 +315,7 @@ def main(argv=None):
         "same_steps": same_steps,
         "targets": targets,
     }
-    folder = Path(args.results)
-    write_json(folder / f"{NAME}.json", results)
-    write_text(folder / f"{NAME}.md", text)
-    print(f"wrote {folder / (NAME + '.json')} and {folder / (NAME + '.md')}")
+    save_results(NAME, args.results, results, markdown=text)
     return results
 
 

@@ -82,8 +82,8 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from _timing import (cost_flops, environment, shuffled_times, summarize, write_text,  # noqa: E402
-                     table, target_row, targets_table, write_json)
+from _timing import (cost_flops, environment, save_results, shuffled_times,  # noqa: E402
+                     summarize, table, target_row, targets_table)
 
 NAME = "peers"
 LEARNING_RATE = 1e-3
@@ -749,10 +749,7 @@ def main(argv=None):
     text = report(results)
     print()
     print(text)
-    folder = Path(args.results)
-    write_json(folder / f"{NAME}.json", results)
-    write_text(folder / f"{NAME}.md", text)
-    print(f"wrote {folder / (NAME + '.json')} and {folder / (NAME + '.md')}")
+    save_results(NAME, args.results, results, markdown=text)
     return results
 
 
