@@ -30,16 +30,15 @@ then only chooses between the two whole-chain modes by the same cost model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
-from funcnet._chain import Chain, top_level
-from funcnet._flops import forward_flops
-from funcnet._layer import Layer, abstract_init
+from funcnet._caches import bounded_cache
+from funcnet.nn._chain import chain, top_level
+from funcnet.nn._layer import Layer, abstract_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +122,13 @@ class JacobianPlan:
         return "\n".join(lines)
 
 
-@functools.lru_cache(maxsize=256)
+@bounded_cache(maxsize=256)
 def plan(net: Layer, in_shape: Tuple[int, ...], wrt: str = "input") -> JacobianPlan:
     """The cheapest accumulation plan for ``net`` at per-example input shape ``in_shape``."""
-    layers = net.layers if isinstance(net, Chain) else (net,)
+    layers, _ = top_level(net, ())
     shapes, flops = [tuple(in_shape)], []
     for layer in layers:
-        flops.append(forward_flops(layer, shapes[-1]))
+        flops.append(layer.flops(shapes[-1]))
         shapes.append(abstract_init(layer, shapes[-1])[1])
     widths = tuple(math.prod(shape) for shape in shapes)
     total = sum(flops)
@@ -183,7 +182,7 @@ def optimal_input_jacobian(net: Layer, params, x, build_forward, build_reverse):
         if isinstance(node, Product):
             return jnp.matmul(evaluate(node.later), evaluate(node.earlier),
                               precision=jax.lax.Precision.HIGHEST)
-        segment = Chain(tuple(layers[node.start:node.stop]))
+        segment = chain(*layers[node.start:node.stop])
         build = build_forward if node.mode == "forward" else build_reverse
         block = build(segment, tuple(layer_params[node.start:node.stop]),
                       activations[node.start], False)

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet._chain import Chain, top_level
 from funcnet._errors import format_path
-from funcnet._reverse import Loss, backprop
-from funcnet._layer import Layer
+from funcnet.ad._reverse import Loss, backprop
+from funcnet.nn._chain import Chain, top_level
+from funcnet.nn._layer import Layer
 
 _DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
 

@@ -2,8 +2,8 @@
 
 The params of the n copies are stacked along a new leading axis (leaf shape (n, *S)),
 and the forward pass is one ``jax.lax.scan`` over them, so the traced program, and the
-compile time, do not grow with n. funcnet's reverse mode (``_reverse``) walks it down
-with a second, reversed scan over the recorded pullbacks; forward mode scans ``jax.jvp``.
+compile time, do not grow with n. The backward walk (``funcnet.ad``) walks it down with a
+second, reversed scan; forward mode scans ``jax.jvp``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import dataclasses
 import jax
 
 from funcnet._errors import LayerError, Path, shape_str
-from funcnet._layer import Layer
+from funcnet.nn._layer import Layer
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Repeat(Layer):
     """``layer`` applied ``n`` times, z_{k+1} = g(w_k; z_k), params stacked on axis 0."""
 
@@ -69,6 +69,16 @@ class Repeat(Layer):
             ) from None
         _check_shape_kept(self, in_shape, out_shape, path)
         return tuple(in_shape)
+
+    def flops(self, in_shape) -> int:
+        """n times its layer's."""
+        return self.n * self.layer.flops(in_shape)
+
+    def sublayers(self, in_shape):
+        return (("each", self.layer, tuple(in_shape)),)
+
+    def describe(self) -> str:
+        return f"{self.layer.name} applied {self.n} times (a scan over stacked params)"
 
 
 def _check_shape_kept(repeat, in_shape, out_shape, path):

@@ -1,20 +1,15 @@
-"""Training with any optax optimizer on top of funcnet's hand-written gradient.
+"""fit: epochs of shuffled mini-batches through one compiled step, reused across calls.
 
-One step of training is
-
-    (value, p) = funcnet.value_and_grad(net, loss)(w, x, y)    # explicit backward pass
-    (u, s)     = optimizer.update(p, s, w)                      # any optax transformation
-    w          = optax.apply_updates(w, u)
-
-compiled as one ``jax.jit`` with the params and optimizer state donated, so XLA updates
-them in place. :func:`fit` runs it over epochs of shuffled mini-batches; full-batch
-gradient descent, SGD with batch size 1, mini-batch SGD and Adam are all just settings
-(``batch_size`` and the optax optimizer).
+Full-batch gradient descent, SGD with batch size 1, mini-batch SGD and Adam are all just
+settings (``batch_size`` and the optax optimizer). The compiled step is cached on the
+(net, loss, optimizer, remat) it was built for, so a second ``fit`` of the same network
+with the same loss and optimizer object compiles nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import time
 import warnings
@@ -26,105 +21,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from funcnet._errors import LayerError
-from funcnet._layer import Layer
-from funcnet._parallel import batch_sharded, check_divisible, replicated, shard_batch
-from funcnet._reverse import Loss, value_and_grad
 from funcnet import checkpoint as _checkpoint
-from funcnet import losses as _losses
-
-
-class TrainState(NamedTuple):
-    """What a step reads and writes: params w, optimizer state s, and the step count."""
-
-    params: Any
-    opt_state: Any
-    step: jax.Array
-
-
-def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """A fresh :class:`TrainState` at step 0 holding its own copy of ``params``.
-
-    The copy is what lets :func:`train_step` donate the state's buffers without
-    invalidating the caller's ``params``.
-    """
-    params = jax.tree.map(jnp.copy, params)
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-
-
-def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-               mesh: Optional[Mesh] = None, remat: str = "keep"):
-    """A jitted ``step(state, x, y) -> (state, loss value)``, state buffers donated.
-
-    The donated ``state`` must not be used after the call (its buffers are reused for the
-    new state); keep the returned one. With a ``mesh`` (see
-    :func:`funcnet.data_parallel_mesh`) the step is data-parallel: state replicated, x and
-    y split along the batch over the mesh's devices (place them with
-    :func:`funcnet.shard_batch`). ``remat`` is the backward pass's memory policy
-    ("keep", "sqrt" or "recompute"; see :func:`funcnet.value_and_grad`). Example::
-
-        step = fnet.train_step(net, fnet.losses.softmax_cross_entropy, optax.adam(1e-3))
-        state = fnet.init_train_state(params, optax.adam(1e-3))
-        state, value = step(state, x, y)
-    """
-    step = _step_fn(net, loss, optimizer, remat)
-    if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    state, batch = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(state, batch, batch), out_shardings=(state, state),
-                   donate_argnums=0)
-
-
-def _step_fn(net, loss, optimizer, remat="keep"):
-    value_and_grad_fn = value_and_grad(net, loss, remat)
-
-    def step(state: TrainState, x, y):
-        value, grads = value_and_grad_fn(state.params, x, y)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1), value
-
-    return step
-
-
-def accuracy(out: jax.Array, y: jax.Array) -> jax.Array:
-    """Fraction of correct predictions.
-
-    Multiclass: out (B, K) logits and y integer labels (B,) or probability rows (B, K)
-    (argmax compared). Binary: out (B,) or (B, 1) logits and y in {0, 1}: out > 0 predicts 1.
-    """
-    if jnp.ndim(out) == 2 and jnp.shape(out)[1] > 1:
-        labels = y if jnp.ndim(y) == 1 else jnp.argmax(y, axis=1)
-        return jnp.mean(jnp.argmax(out, axis=1) == labels)
-    logits = out.reshape(jnp.shape(out)[0])
-    return jnp.mean((logits > 0) == (y.reshape(jnp.shape(out)[0]) > 0.5))
-
-
-_CLASSIFICATION_LOSSES = (_losses.softmax_cross_entropy, _losses.logistic)
-
-
-def evaluate(net: Layer, loss: Loss, params, x, y,
-             with_accuracy: Optional[bool] = None) -> Dict[str, float]:
-    """``{"loss": ..., "accuracy": ...}`` of ``params`` on (x, y), one jitted forward pass.
-
-    ``with_accuracy`` defaults to True for the classification losses of
-    ``funcnet.losses`` (softmax_cross_entropy, logistic), else False.
-    """
-    if with_accuracy is None:
-        with_accuracy = loss in _CLASSIFICATION_LOSSES
-    loss_value, acc = _evaluate_jit(net, loss, bool(with_accuracy), params, x, y)
-    result = {"loss": float(loss_value)}
-    if with_accuracy:
-        result["accuracy"] = float(acc)
-    return result
-
-
-def _evaluate(net, loss, with_accuracy, params, x, y):
-    out = net.apply(params, x)
-    return loss(out, y), (accuracy(out, y) if with_accuracy else jnp.zeros(()))
-
-
-_evaluate_jit = jax.jit(_evaluate, static_argnums=(0, 1, 2))
+from funcnet._caches import bounded_cache
+from funcnet._errors import LayerError
+from funcnet.ad._reverse import Loss
+from funcnet.nn._layer import Layer
+from funcnet.train._metrics import evaluate
+from funcnet.train._parallel import check_divisible, replicated, shard_batch
+from funcnet.train._step import TrainState, init_train_state, step_fn, train_step
 
 
 class TrainingError(RuntimeError):
@@ -154,9 +58,19 @@ class FitResult(NamedTuple):
 
 
 def _indexed_step(net, loss, optimizer, remat, scanned: bool):
+    """The compiled step fit runs, from the cache when the same (net, loss, optimizer,
+    remat) was trained before; compiled afresh when one of them is unhashable."""
+    try:
+        return _compiled_indexed_step(net, loss, optimizer, remat, scanned)
+    except TypeError:
+        return _compiled_indexed_step.__wrapped__(net, loss, optimizer, remat, scanned)
+
+
+@bounded_cache(maxsize=32)
+def _compiled_indexed_step(net, loss, optimizer, remat, scanned: bool):
     """One jitted call that gathers the batch on the device and steps; with ``scanned``,
     a ``lax.scan`` of such steps over a (steps, batch) block of indices."""
-    step = _step_fn(net, loss, optimizer, remat)
+    step = step_fn(net, loss, optimizer, remat)
 
     def indexed(state, x, y, indices):
         return step(state, x[indices], jax.tree.map(lambda t: t[indices], y))
@@ -170,7 +84,7 @@ def _indexed_step(net, loss, optimizer, remat, scanned: bool):
 def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params, x, y, *,
         key: jax.Array, epochs: int = 1, batch_size: Optional[int] = None,
         eval_data: Optional[Tuple[Any, Any]] = None, state: Optional[TrainState] = None,
-        first_epoch: int = 0, progress: bool = True, mesh: Optional[Mesh] = None,
+        first_epoch: int = 0, progress: Optional[bool] = None, mesh: Optional[Mesh] = None,
         checkpoint_path: Optional[str] = None, remat: str = "keep",
         steps_per_call: Union[int, str] = 1,
         on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> FitResult:
@@ -189,7 +103,9 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
       eval_data: optional (x_eval, y_eval), evaluated after every epoch.
       state: a :class:`TrainState` to continue from (e.g. restored from a checkpoint).
       first_epoch: the index of the first epoch to run (for resuming).
-      progress: show a tqdm progress bar with the running loss.
+      progress: show a tqdm progress bar with the running loss. ``None`` (default): a bar
+        when tqdm is installed (it comes with the ``experiments`` extra), none otherwise;
+        ``True`` insists on one (an error without tqdm); ``False``: no bar.
       mesh: train data-parallel over this device mesh (:func:`funcnet.data_parallel_mesh`):
         state replicated, each mini-batch split over the devices (batch_size must be a
         multiple of the device count). The batches and the result are those of the
@@ -245,10 +161,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     # how often losses come back to the host (a device sync): about 20 times an epoch,
     # but never more often than every 50 steps, so small steps are not held up by it
     log_every = max(50, steps_per_epoch // 20)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
-               desc=getattr(net, "name", "fit"))
+    bar = _progress_bar(progress, epochs * steps_per_epoch, getattr(net, "name", "fit"))
     step_losses: List[np.ndarray] = []
     epoch_rows: List[Dict[str, float]] = []
     last_finite, done = (None, None), int(state.step)  # steps done, counted globally
@@ -292,6 +205,32 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     bar.close()
     history = History(np.concatenate(step_losses) if step_losses else np.zeros((0,)), epoch_rows)
     return FitResult(state, history)
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when there is none."""
+
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(progress: Optional[bool], total: int, description: str):
+    have_tqdm = importlib.util.find_spec("tqdm") is not None
+    if progress and not have_tqdm:
+        raise LayerError(
+            "fit(progress=True) needs tqdm, which is not installed: pip install tqdm (or "
+            "funcnet[experiments]), or pass progress=False.")
+    if progress is False or not have_tqdm:
+        return _NoBar()
+    from tqdm.auto import tqdm  # optional dependency, imported only when a bar is shown
+
+    return tqdm(total=total, unit="step", desc=description)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

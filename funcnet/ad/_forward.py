@@ -16,12 +16,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from funcnet._chain import Chain, Residual
+from funcnet._caches import bounded_cache
 from funcnet._errors import LayerError, Path, shape_str
-from funcnet._inputs import check_batch
-from funcnet._layer import Layer, check_tree_like
-from funcnet._repeat import Repeat
-from funcnet._reverse import is_concrete
+from funcnet.ad._compiled import is_concrete
+from funcnet.ad._inputs import check_batch
+from funcnet.nn._chain import Chain
+from funcnet.nn._layer import Layer, check_tree_like
+from funcnet.nn._repeat import Repeat
+from funcnet.nn._residual import Residual
 
 
 def layer_jvp(layer: Layer, params, z, params_dot, z_dot):
@@ -57,9 +59,9 @@ def _layer_jvp_traced(layer, params, z, params_dot, z_dot):
     return jax.jvp(layer.apply, (params, z), (params_dot, z_dot))
 
 
-@functools.lru_cache(maxsize=1024)
+@bounded_cache(maxsize=1024)
 def _compiled_jvp(layer: Layer, no_params_dot: bool, no_z_dot: bool):
-    """One compiled jvp per layer and choice of zero tangents (see ``_reverse``)."""
+    """One compiled jvp per layer and choice of zero tangents (see ``_compiled``)."""
     del no_params_dot, no_z_dot  # part of the cache key: None tangents change the trace
     return jax.jit(functools.partial(_layer_jvp_traced, layer))
 
@@ -124,7 +126,5 @@ def check_tangent_params(net: Layer, params, params_dot, path: Path = ()) -> Non
             check_tangent_params(item, p, p_dot, path + ((index, item.name),))
     elif isinstance(net, Residual):
         check_tangent_params(net.inner, params, params_dot, path + ((0, net.inner.name),))
-    elif isinstance(net, Repeat):
-        check_tree_like(params, params_dot, path, "params_dot", hint, check_dtype=True)
     else:
         check_tree_like(params, params_dot, path, "params_dot", hint, check_dtype=True)

@@ -1,17 +1,36 @@
-"""The affine layer z @ w + b."""
+"""The affine layer z @ w + b, with its closed-form FLOPs and per-example gradients."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from funcnet._errors import LayerError, shape_str
-from funcnet._layer import Layer
+from funcnet.nn._layer import Layer
 
 
-@dataclasses.dataclass(frozen=True)
+def _per_example_grads(layer: "Dense", params, z, q):
+    """A_b^T q_b for every example b, without a per-example vjp.
+
+    For z_b of shape (T, fan_in) (T = 1 for a vector input; any extra per-example axes
+    are flattened into T) and q_b of shape (T, out): dw_b = z_b^T q_b (fan_in, out) and
+    db_b = sum_t q_b[t] (out,). Leaves (B, *leaf shape); their sum over b is p_i.
+    """
+    batch, fan_in = z.shape[0], z.shape[-1]
+    z_rows = z.reshape(batch, -1, fan_in)
+    q_rows = q.reshape(batch, -1, layer.out_features)
+    grads = {"w": jnp.einsum("bti,bto->bio", z_rows, q_rows,
+                             precision=jax.lax.Precision.HIGHEST)}
+    if layer.bias:
+        grads["b"] = jnp.sum(q_rows, axis=1)
+    return grads
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
 class Dense(Layer):
     """``g(w; z) = z @ w["w"] + w["b"]`` over the last axis of z.
 
@@ -21,11 +40,15 @@ class Dense(Layer):
 
     Per example, for a vector input z (shape (fan_in,)) and output o = w^T z + b:
     B_i = w^T (out x fan_in); A_i with respect to w is the generalized Jacobian
-    dO_k/dw_{jl} = z_j [k == l]; with respect to b it is the identity.
+    dO_k/dw_{jl} = z_j [k == l]; with respect to b it is the identity. So
+    p_i = (z^T q, sum q) and q_i = q w^T: a repeat keeps only the input z_i.
     """
 
     out_features: int
     bias: bool = True
+
+    repeat_keeps: ClassVar[str] = "input"
+    rules: ClassVar = (("per_example_grads", _per_example_grads),)
 
     def __post_init__(self):
         width = self.out_features
@@ -40,6 +63,9 @@ class Dense(Layer):
     @property
     def name(self) -> str:
         return f"dense({self.out_features})" + ("" if self.bias else ", no bias")
+
+    def describe(self) -> str:
+        return "z @ w + b" if self.bias else "z @ w"
 
     def init(self, key, in_shape):
         in_shape = tuple(in_shape)
@@ -60,6 +86,11 @@ class Dense(Layer):
         if not self.bias:
             return out
         return out + params["b"].reshape((1,) * (out.ndim - 1) + (self.out_features,))
+
+    def flops(self, in_shape) -> int:
+        """2 fan_in out per output row, plus out for the bias."""
+        rows = math.prod(in_shape[:-1])
+        return rows * (2 * in_shape[-1] * self.out_features + (self.out_features if self.bias else 0))
 
 
 def dense(out_features: int, bias: bool = True) -> Layer:

@@ -1,26 +1,26 @@
-"""Composition: chains of layers (which are layers themselves, so they nest) and residuals.
+"""Composition in sequence: chains of layers, which are layers themselves, so they nest.
 
 A chain of layers g_1, ..., g_L is the layer
 
     z_{L+1} = g_L(w_L; g_{L-1}(w_{L-1}; ... g_1(w_1; z_1)))
 
-with params ``(w_1, ..., w_L)``: a tuple with one entry per layer. These classes only say
-*what* is composed; the machinery that differentiates through them (reverse mode in
-``_reverse``, forward mode in ``_forward``) walks ``Chain.layers`` explicitly.
+with params ``(w_1, ..., w_L)``: a tuple with one entry per layer. The chain only says
+*what* is composed; the machinery that differentiates through it (``funcnet.ad``) walks
+``Chain.layers``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Iterator, List, Tuple
 
 import jax
 
 from funcnet._errors import LayerError, Path, shape_str
-from funcnet._layer import Layer
+from funcnet.nn._layer import Layer, abstract_init
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Chain(Layer):
     """Layers applied in order; params: a tuple with one entry per layer."""
 
@@ -75,6 +75,20 @@ class Chain(Layer):
             shape = item.check(item_params, shape, path + ((index, item.name),))
         return shape
 
+    def flops(self, in_shape) -> int:
+        """The sum of its layers'."""
+        return sum(item.flops(shape) for _, item, shape in self.sublayers(in_shape))
+
+    def sublayers(self, in_shape):
+        shape, held = tuple(in_shape), []
+        for index, item in enumerate(self.layers):
+            held.append((index, item, shape))
+            shape = abstract_init(item, shape)[1]
+        return tuple(held)
+
+    def describe(self) -> str:
+        return " -> ".join(item.name for item in self.layers) or "the identity (no layers)"
+
 
 def _split(key, n):
     return jax.random.split(key, n) if n else []
@@ -95,53 +109,30 @@ def chain(*layers: Layer, name: str = "chain") -> Chain:
     return Chain(tuple(layers), name)
 
 
-@dataclasses.dataclass(frozen=True)
-class Residual(Layer):
-    """``z + inner(w; z)``; params: those of ``inner``.
-
-    Per example, B = I + B_inner and A = A_inner, so the backward step is
-    q_i = q_{i+1} + B_inner^T q_{i+1} and p_i = A_inner^T q_{i+1}.
-    """
-
-    inner: Layer
-
-    @property
-    def name(self) -> str:
-        return f"residual({self.inner.name})"
-
-    def init(self, key, in_shape):
-        in_shape = tuple(in_shape)
-        params, out_shape = self.inner.init(key, in_shape)
-        _check_width_kept(self.inner, in_shape, out_shape, ())
-        return params, in_shape
-
-    def apply(self, params, z):
-        return z + self.inner.apply(params, z)
-
-    def check(self, params, in_shape, path: Path = ()):
-        out_shape = self.inner.check(params, in_shape, path + ((0, self.inner.name),))
-        _check_width_kept(self.inner, in_shape, out_shape, path)
-        return tuple(in_shape)
-
-
-def _check_width_kept(inner, in_shape, out_shape, path):
-    if tuple(out_shape) != tuple(in_shape):
-        raise LayerError(
-            f"a residual z + f(z) needs f to keep the shape, but {inner.name} maps "
-            f"per-example shape {shape_str(in_shape)} to {shape_str(out_shape)}. Make the "
-            f"inner layer end at width {shape_str(in_shape)[1:-1].rstrip(',')}, or move the "
-            f"width change outside the residual.",
-            path,
-        )
-
-
-def residual(layer: Layer) -> Residual:
-    """The skip connection ``z + layer(z)``; ``layer`` must keep the shape."""
-    return Residual(layer)
-
-
 def top_level(net: Layer, params):
     """The chain's layers and their params, treating a non-chain net as a chain of one."""
     if isinstance(net, Chain):
         return net.layers, params
     return (net,), (params,)
+
+
+def flat_layers(layer: Layer) -> Tuple[Layer, ...]:
+    """The leaf sequence of ``layer``: nested chains flattened, anything else as it is."""
+    if isinstance(layer, Chain):
+        return tuple(leaf for item in layer.layers for leaf in flat_layers(item))
+    return (layer,)
+
+
+def flat_params(layer: Layer, params) -> List:
+    """The params of :func:`flat_layers`, in the same order."""
+    if isinstance(layer, Chain):
+        return [w for item, p in zip(layer.layers, params) for w in flat_params(item, p)]
+    return [params]
+
+
+def nest_params(layer: Layer, flat: Iterator):
+    """The inverse of :func:`flat_params`: entries of ``flat`` (an iterator) back into
+    ``layer``'s params structure."""
+    if isinstance(layer, Chain):
+        return tuple(nest_params(item, flat) for item in layer.layers)
+    return next(flat)

@@ -8,10 +8,7 @@ from typing import List, NamedTuple, Tuple
 
 import jax
 
-from funcnet._chain import Chain, Residual
-from funcnet._flops import forward_flops
-from funcnet._layer import Layer, abstract_init
-from funcnet._repeat import Repeat
+from funcnet.nn._layer import Layer, abstract_init
 
 
 class SummaryRow(NamedTuple):
@@ -92,12 +89,7 @@ def _walk(layer: Layer, in_shape, depth, index, rows) -> Tuple[int, ...]:
     params, out_shape = abstract_init(layer, in_shape)
     count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
     rows.append(SummaryRow(depth, index, layer.name, in_shape, tuple(out_shape), count,
-                           forward_flops(layer, in_shape)))
-    if isinstance(layer, Chain):
-        shape = in_shape
-        for child_index, child in enumerate(layer.layers):
-            shape = _walk(child, shape, depth + 1, child_index, rows)
-    elif isinstance(layer, (Residual, Repeat)):
-        inner = layer.inner if isinstance(layer, Residual) else layer.layer
-        _walk(inner, in_shape, depth + 1, "each" if isinstance(layer, Repeat) else 0, rows)
+                           layer.flops(in_shape)))
+    for child_index, child, child_shape in layer.sublayers(in_shape):
+        _walk(child, child_shape, depth + 1, child_index, rows)
     return tuple(out_shape)

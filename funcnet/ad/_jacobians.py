@@ -1,6 +1,6 @@
 """Materialised Jacobians of ONE example, built from funcnet's own vjp and jvp.
 
-A Jacobian is never needed for training (see ``_reverse``); these functions exist to look
+A Jacobian is never needed for training (see ``_walk``); these functions exist to look
 at one, as in the lecture notes. They return *generalized* Jacobians: for a map from an
 array of shape S_in to one of shape S_out the Jacobian has shape S_out + S_in, and for a
 pytree of params, a pytree of the same structure whose leaf for a parameter of shape S_w
@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from funcnet._accumulation import JacobianPlan, optimal_input_jacobian, plan
-from funcnet._chain import top_level
 from funcnet._errors import LayerError
-from funcnet._forward import layer_jvp
-from funcnet._inputs import check_example
-from funcnet._layer import Layer
-from funcnet._reverse import layer_vjp
+from funcnet.ad._accumulation import JacobianPlan, optimal_input_jacobian, plan
+from funcnet.ad._forward import layer_jvp
+from funcnet.ad._inputs import check_example
+from funcnet.ad._reverse import layer_vjp
+from funcnet.nn._chain import top_level
+from funcnet.nn._layer import Layer
 
 WRT = ("input", "params")
 MODES = ("forward", "reverse", "optimal")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from funcnet._errors import LayerError, shape_str
-from funcnet._layer import Layer
+from funcnet.nn._layer import Layer
 
 
 def check_layer(net) -> None:

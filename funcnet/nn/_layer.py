@@ -14,12 +14,13 @@ example b of the input. Layers are immutable and hashable, so they can be passed
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable, Optional, Tuple
+import math
+from typing import Any, Callable, ClassVar, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from funcnet._caches import bounded_cache
 from funcnet._errors import LayerError, Path, shape_str
 
 Shape = Tuple[int, ...]
@@ -36,10 +37,22 @@ class Layer:
         arrays (``()`` for a layer without parameters); shapes exclude the batch axis.
       apply: ``apply(params, z) -> z_next``, pure, for ``z`` of shape ``(B, *in_shape)``.
       name: shown in error messages and summaries.
+      rules: optional faster rules this layer brings, ``{quantity: fn}`` (see
+        :meth:`rule`); anything not given is derived generically from ``apply``.
 
     Two layers are equal when they are of the same kind with equal settings (built-ins)
     or hold the same ``init`` and ``apply`` functions and name (layers built here), so
     rebuilding a network does not make ``jax.jit`` retrace.
+
+    What the machinery asks of a layer, beyond ``init`` and ``apply`` (every entry has a
+    generic default, so any layer gets every capability; built-ins override some):
+
+    - :meth:`flops` -- forward FLOPs per example (summaries, the Jacobian plan);
+    - ``repeat_keeps`` -- what a ``repeat`` must keep for this layer's backward step:
+      ``None`` (record its ``jax.vjp`` pullback), ``"input"`` (rebuild the pullback from
+      z_i) or ``"output"`` (q_i from the output alone, :meth:`input_cotangent_from_output`);
+    - :meth:`rule` -- faster rules for quantities of the backward pass (extensions);
+    - :meth:`sublayers` -- the layers a container holds (summaries).
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
@@ -51,9 +64,13 @@ class Layer:
       (3,)
     """
 
-    __slots__ = ("_init_fn", "_apply_fn", "name")
+    #: What a repeat keeps for this layer's backward step (see the class docstring).
+    repeat_keeps: ClassVar[Optional[str]] = None
+    #: Faster rules, ``((quantity, fn), ...)``; see :meth:`rule`.
+    rules: Tuple[Tuple[str, Callable], ...] = ()
 
-    def __init__(self, init: InitFn, apply: ApplyFn, name: str = "layer"):
+    def __init__(self, init: InitFn, apply: ApplyFn, name: str = "layer",
+                 rules: Optional[Mapping[str, Callable]] = None):
         if not callable(init) or not callable(apply):
             raise TypeError(
                 f"Layer(init, apply, name) needs two callables; got init={init!r}, "
@@ -62,6 +79,7 @@ class Layer:
         object.__setattr__(self, "_init_fn", init)
         object.__setattr__(self, "_apply_fn", apply)
         object.__setattr__(self, "name", str(name))
+        object.__setattr__(self, "rules", rules_tuple(rules))
 
     def __setattr__(self, key, value):
         raise dataclasses.FrozenInstanceError(f"layers are immutable; cannot set {key!r}")
@@ -89,8 +107,37 @@ class Layer:
         check_tree_like(expected, params, path, "params", _rebuild_hint(in_shape))
         return out_shape
 
+    def flops(self, in_shape: Shape) -> int:
+        """Forward FLOPs for ONE example of per-example shape ``in_shape``.
+
+        Generic: XLA's own cost analysis of ``apply`` on one example, compiled once per
+        layer and shape. Built-in layers override it with closed forms.
+        """
+        return xla_flops(self, tuple(int(d) for d in in_shape))
+
+    def input_cotangent_from_output(self, y: jax.Array, q: jax.Array) -> jax.Array:
+        """q_i = B_i^T q_{i+1} from the layer's output y = z_{i+1} alone; only for layers
+        with ``repeat_keeps == "output"``."""
+        raise NotImplementedError(f"{self.name} has no output form of its backward step")
+
+    def rule(self, quantity: str) -> Optional[Callable]:
+        """A faster rule this layer brings for ``quantity``, or None (use the generic one).
+
+        A rule is ``fn(layer, params, z, q) -> result`` for a batch z = z_i (B, *in_shape)
+        and the output cotangent q = q_{i+1} (B, *out_shape). Quantities asked for today:
+
+        - ``"per_example_grads"``: the per-example parameter pullbacks A_b^T q_b, a pytree
+          like params with a leading batch axis (B, *leaf shape); their sum over b is p_i.
+        """
+        return dict(self.rules).get(quantity)
+
+    def sublayers(self, in_shape: Shape) -> Tuple[Tuple[Any, "Layer", Shape], ...]:
+        """``((label, layer, its in_shape), ...)``: the layers a container holds (none for
+        a leaf layer). Summaries walk these."""
+        return ()
+
     def _fields(self):
-        return (self._init_fn, self._apply_fn, self.name)
+        return (self._init_fn, self._apply_fn, self.name, self.rules)
 
     def __eq__(self, other):
         return type(self) is type(other) and self._fields() == other._fields()
@@ -98,8 +145,42 @@ class Layer:
     def __hash__(self):
         return hash((type(self), self._fields()))
 
+    def describe(self) -> str:
+        """What the layer computes, in one line (its repr shows it)."""
+        return f"z -> {_function_name(self._apply_fn)}(params, z)"
+
     def __repr__(self):
-        return f"Layer({self.name})"
+        return f"<layer {self.name}: {self.describe()}>"
+
+
+def rules_tuple(rules: Optional[Mapping[str, Callable]]) -> Tuple[Tuple[str, Callable], ...]:
+    """Rules as a sorted tuple of pairs (hashable, so the layer stays a jit static value)."""
+    if rules is None:
+        return ()
+    if not isinstance(rules, Mapping) or not all(
+            isinstance(k, str) and callable(v) for k, v in rules.items()):
+        raise TypeError(f"rules must map quantity names (str) to callables, got {rules!r}.")
+    return tuple(sorted(rules.items()))
+
+
+def _function_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+@bounded_cache(maxsize=1024)
+def xla_flops(layer: Layer, in_shape: Shape) -> int:
+    """XLA's FLOP count of ``layer.apply`` on one example (no data: abstract params)."""
+    params, _ = abstract_init(layer, in_shape)
+    example = jax.ShapeDtypeStruct((1,) + tuple(in_shape), input_dtype(layer))
+    analysis = jax.jit(layer.apply).lower(params, example).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return int((analysis or {}).get("flops", math.prod(in_shape)))
+
+
+def input_dtype(layer: Layer):
+    """The dtype of inputs a layer is probed with: JAX's default float dtype."""
+    del layer
+    return jnp.result_type(float)
 
 
 def _rebuild_hint(in_shape: Shape) -> str:
@@ -111,7 +192,7 @@ def _rebuild_hint(in_shape: Shape) -> str:
     )
 
 
-@functools.lru_cache(maxsize=4096)
+@bounded_cache(maxsize=4096)
 def _abstract_init_cached(layer: Layer, in_shape: Shape):
     box = {}
 
@@ -173,13 +254,14 @@ def _describe(treedef) -> str:
     return text if len(text) < 120 else text[:117] + "..."
 
 
-@dataclasses.dataclass(frozen=True, eq=True)
+@dataclasses.dataclass(frozen=True, eq=True, repr=False)
 class FunctionLayer(Layer):
     """A layer made from any pure ``g(w, z)``; see :func:`layer`."""
 
     g: ApplyFn
     init_params: Optional[Callable[[jax.Array, Shape], Params]] = None
     name: str = "function"
+    rules: Tuple[Tuple[str, Callable], ...] = ()
 
     def init(self, key, in_shape):
         in_shape = tuple(in_shape)
@@ -191,9 +273,13 @@ class FunctionLayer(Layer):
     def apply(self, params, z):
         return self.g(params, z)
 
+    def describe(self):
+        return f"z -> {_function_name(self.g)}(params, z)"
+
 
 def layer(g: ApplyFn, init_params: Optional[Callable[[jax.Array, Shape], Params]] = None,
-          name: Optional[str] = None) -> Layer:
+          name: Optional[str] = None,
+          rules: Optional[Mapping[str, Callable]] = None) -> Layer:
     """Turns any pure ``g(w, z)`` into a layer; the output shape is inferred.
 
     Args:
@@ -202,6 +288,11 @@ def layer(g: ApplyFn, init_params: Optional[Callable[[jax.Array, Shape], Params]
       init_params: ``init_params(key, in_shape) -> params`` (any pytree of arrays); leave it
         out for a layer without parameters (its params are ``()``).
       name: for errors and summaries; defaults to ``g.__name__``.
+      rules: optional faster rules, ``{quantity: fn}`` (see :meth:`Layer.rule`).
+
+    The layer gets everything a built-in gets through generic rules: both modes of
+    differentiation, the memory policies, ``repeat``, Jacobians and their plan, summaries
+    with FLOPs (XLA's count) and every extension.
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
@@ -212,4 +303,5 @@ def layer(g: ApplyFn, init_params: Optional[Callable[[jax.Array, Shape], Params]
       >>> out_shape
       (4,)
     """
-    return FunctionLayer(g, init_params, name or getattr(g, "__name__", "function"))
+    return FunctionLayer(g, init_params, name or getattr(g, "__name__", "function"),
+                         rules_tuple(rules))

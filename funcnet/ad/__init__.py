@@ -1,0 +1,23 @@
+"""Differentiation: the one backward walk and what is built on it.
+
+The walk (``_walk``) computes p_i = A_i^T q_{i+1} and q_i = B_i^T q_{i+1} for every
+container, memory policy (``_policies``) and extension (``extensions``); reverse mode
+(``_reverse``), per-example gradients, Jacobians (``_jacobians``, planned by
+``_accumulation``) and ``check_grads`` are built on it; forward mode (``_forward``)
+composes ``jax.jvp`` the same way.
+"""
+
+from funcnet.ad import extensions
+from funcnet.ad._accumulation import JacobianPlan
+from funcnet.ad._check_grads import GradCheckReport, GradientCheckError, LayerCheck, check_grads
+from funcnet.ad._forward import jvp
+from funcnet.ad._jacobians import jacobian, jacobian_plan, layer_jacobians
+from funcnet.ad._per_example import per_example_grads
+from funcnet.ad._policies import REMAT_POLICIES
+from funcnet.ad._reverse import Backprop, backprop, grad, value_and_grad, vjp
+
+__all__ = [
+    "Backprop", "backprop", "check_grads", "extensions", "grad", "GradCheckReport",
+    "GradientCheckError", "jacobian", "jacobian_plan", "JacobianPlan", "jvp", "LayerCheck",
+    "layer_jacobians", "per_example_grads", "REMAT_POLICIES", "value_and_grad", "vjp",
+]

@@ -1,0 +1,64 @@
+"""Composition with a skip connection: ``z + inner(w; z)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from funcnet._errors import LayerError, Path, shape_str
+from funcnet.nn._layer import Layer
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Residual(Layer):
+    """``z + inner(w; z)``; params: those of ``inner``.
+
+    Per example, B = I + B_inner and A = A_inner, so the backward step is
+    q_i = q_{i+1} + B_inner^T q_{i+1} and p_i = A_inner^T q_{i+1}.
+    """
+
+    inner: Layer
+
+    @property
+    def name(self) -> str:
+        return f"residual({self.inner.name})"
+
+    def init(self, key, in_shape):
+        in_shape = tuple(in_shape)
+        params, out_shape = self.inner.init(key, in_shape)
+        _check_width_kept(self.inner, in_shape, out_shape, ())
+        return params, in_shape
+
+    def apply(self, params, z):
+        return z + self.inner.apply(params, z)
+
+    def check(self, params, in_shape, path: Path = ()):
+        out_shape = self.inner.check(params, in_shape, path + ((0, self.inner.name),))
+        _check_width_kept(self.inner, in_shape, out_shape, path)
+        return tuple(in_shape)
+
+    def flops(self, in_shape) -> int:
+        """The inner layer's, plus one add per entry."""
+        return self.inner.flops(in_shape) + math.prod(in_shape)
+
+    def sublayers(self, in_shape):
+        return ((0, self.inner, tuple(in_shape)),)
+
+    def describe(self) -> str:
+        return f"z + {self.inner.name}(z)"
+
+
+def _check_width_kept(inner, in_shape, out_shape, path):
+    if tuple(out_shape) != tuple(in_shape):
+        raise LayerError(
+            f"a residual z + f(z) needs f to keep the shape, but {inner.name} maps "
+            f"per-example shape {shape_str(in_shape)} to {shape_str(out_shape)}. Make the "
+            f"inner layer end at width {shape_str(in_shape)[1:-1].rstrip(',')}, or move the "
+            f"width change outside the residual.",
+            path,
+        )
+
+
+def residual(layer: Layer) -> Residual:
+    """The skip connection ``z + layer(z)``; ``layer`` must keep the shape."""
+    return Residual(layer)
