@@ -27,7 +27,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from funcnet import _forward, _reverse  # noqa: E402
+from funcnet._caches import cache_sizes  # noqa: E402
 from _timing import (blocking, save_results, environment, interleaved_times,  # noqa: E402
                      numpy_normal, numpy_params, table, target_row, targets_table)
 
@@ -84,12 +84,10 @@ def main(argv=None):
     for label, config in configs.items():
         fns = contenders(config, args.seed)
         times = interleaved_times(fns, repeats, args.warmup, seed=args.seed)
-        cache = (_reverse.compiled_vjp.cache_info().currsize,
-                 _forward._compiled_jvp.cache_info().currsize)
+        cache = cache_sizes()
         for fn in fns.values():  # calls after warm-up must not compile anything new
             fn()
-        stable = cache == (_reverse.compiled_vjp.cache_info().currsize,
-                           _forward._compiled_jvp.cache_info().currsize)
+        stable = cache == cache_sizes()
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         for call in ("value_and_grad", "backprop", "jvp", "jax.value_and_grad (reference)"):
             eager, jitted = medians[f"{call} eager"], medians[f"{call} jit"]

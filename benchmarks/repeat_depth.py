@@ -16,7 +16,7 @@ grows linearly. With block = chain(dense(W), tanh) and squared error, this scrip
   own autodiff of the scan);
 - with each step row, the temporary memory XLA plans for the repeat's step, funcnet's and
   jax.value_and_grad's, in units of one (n, B, W) stack of activations: what the repeat
-  keeps for its backward pass (``funcnet._repeat_residuals``);
+  keeps for its backward pass (``funcnet.ad._repeat_plan``);
 - report only: XLA's temporary memory and FLOPs of the 128-deep repeat under the remat
   policies keep / sqrt / recompute (XLA counts a loop body's FLOPs once, whatever the
   trip count, so those FLOPs are per loop iteration, not per step).

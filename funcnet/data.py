@@ -32,6 +32,7 @@ import zipfile
 import zlib
 from typing import NamedTuple, Optional, Tuple, Union
 
+import jax.numpy as jnp
 import numpy as np
 
 from funcnet.atomic import atomic_write
@@ -144,8 +145,6 @@ class Dataset(NamedTuple):
 
 
 def _float_dtype(dtype, where: str) -> np.dtype:
-    import jax.numpy as jnp  # a hard dependency of funcnet; knows bfloat16 is a float
-
     try:
         dt = np.dtype(dtype)
     except TypeError as e:

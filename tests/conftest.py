@@ -2,9 +2,15 @@
 raises; dtype promotion strict, per test) so that silent broadcasting or dtype promotion
 inside funcnet fails loudly."""
 
+import sys
+from pathlib import Path
+
 import jax
 import pytest
 from hypothesis import HealthCheck, settings
+
+# the shared helpers (exactness, strategies, scripts) import by name from every test folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

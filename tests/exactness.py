@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet._layer import abstract_init
+from funcnet.nn._layer import abstract_init
 
 TOL = 1e-10
 TINY = 1e-300

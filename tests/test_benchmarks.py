@@ -4,13 +4,11 @@ is asserted here: timings are the benchmarks' business, on a quiet machine."""
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scripts import BENCHMARKS, load_script  # noqa: E402
 
 SCRIPTS = ["jacobian_accumulation", "remat_memory", "repeat_depth"]

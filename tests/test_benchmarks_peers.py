@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scripts import BENCHMARKS, load_script  # noqa: E402
 
 

@@ -2,12 +2,10 @@
 numbers say what the experiment claims."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scripts import EXPERIMENTS, load_script  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -3,12 +3,10 @@ run, write JSON and PNG, and their numbers say what the experiments claim. No ti
 asserted (the machine is shared); FLOPs and bytes are deterministic."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scripts import EXPERIMENTS, load_script  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import dataclasses
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ from funcnet.nn._layer import Layer
 _DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
 
 
-class LayerCheck(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class LayerCheck:
     """One top-level layer's comparison.
 
     max_abs_error: max |p_i - ref_i| over the layer's parameter entries.
@@ -33,7 +35,8 @@ class LayerCheck(NamedTuple):
     ok: bool
 
 
-class GradCheckReport(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class GradCheckReport:
     layers: Tuple[LayerCheck, ...]
     rtol: float
     atol: float

@@ -12,8 +12,9 @@ inputs, seed it and shape what it returns. ``jax.grad`` is never called on this 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, Dict, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from funcnet._errors import LayerError, shape_str
 from funcnet.ad import _compiled
 from funcnet.ad._inputs import check_batch, check_targets
 from funcnet.ad._walk import Walk, record, record_layers, walk_down, walk_layers
+from funcnet.ad.extensions._base import Extension
 from funcnet.nn._chain import Chain, top_level
 from funcnet.nn._layer import Layer
 
@@ -75,7 +77,11 @@ def _checked_pullback(out_shape, pullback, ct):
     return pullback(ct)
 
 
-class Backprop(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["value", "grads", "cotangents", "activations", "extensions"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Backprop:
     """Everything the backward pass computed, indexed as in the lecture notes.
 
     Attributes:
@@ -122,6 +128,8 @@ def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "
       >>> [q.shape for q in record.cotangents]
       [(5, 3), (5, 8), (5, 8), (5, 1)]
     """
+    if isinstance(extensions, Extension):  # one extension, not in a tuple
+        extensions = (extensions,)
     walk = Walk(remat, tuple(extensions))
     check_batch(net, params, x)
     layers, layer_params = top_level(net, params)

@@ -63,12 +63,12 @@ class Walk:
     def __post_init__(self):
         if self.policy not in REMAT_POLICIES:
             raise LayerError(f"remat must be one of {REMAT_POLICIES}, got {self.policy!r}.")
-        names = [extension.name for extension in self.extensions]
         for extension in self.extensions:
             if not isinstance(extension, Extension):
                 raise LayerError(
                     f"extensions must be fnet.extensions objects such as "
                     f"fnet.extensions.batch_grad(), got {extension!r}.")
+        names = [extension.name for extension in self.extensions]
         if len(set(names)) != len(names):
             raise LayerError(f"each extension may be asked for once, got {names}.")
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import html
 import math
-from typing import List, NamedTuple, Tuple
+import dataclasses
+from typing import List, Tuple
 
 import jax
 
 from funcnet.nn._layer import Layer, abstract_init
 
 
-class SummaryRow(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class SummaryRow:
     """One layer: ``depth`` of nesting (0 = the network itself), ``index`` within its
     parent (None for the network), shapes per example, parameter count, forward FLOPs per
     example (a container's counts include its children's)."""
@@ -25,7 +27,8 @@ class SummaryRow(NamedTuple):
     flops: int
 
 
-class Summary(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Summary:
     """``print`` it for a text table (nested layers indented); in a notebook it shows as
     an HTML table. ``rows[0]`` is the whole network, so its counts are the totals."""
 

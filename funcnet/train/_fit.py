@@ -8,12 +8,13 @@ with the same loss and optimizer object compiles nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
 import time
 import warnings
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,8 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step."""
 
 
-class History(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class History:
     """What :func:`fit` saw.
 
     step_loss: (steps,) numpy array, the mini-batch loss of every step, in order.
@@ -48,7 +50,10 @@ class History(NamedTuple):
     epochs: List[Dict[str, float]]
 
 
-class FitResult(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` returns: the final :class:`TrainState` and the :class:`History`."""
+
     state: TrainState
     history: History
 

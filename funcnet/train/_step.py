@@ -11,7 +11,9 @@ compiles to (tested by XLA's FLOP count).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import dataclasses
+import functools
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,12 @@ from funcnet.nn._layer import Layer
 from funcnet.train._parallel import batch_sharded, replicated
 
 
-class TrainState(NamedTuple):
-    """What a step reads and writes: params w, optimizer state s, and the step count."""
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["params", "opt_state", "step"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a step reads and writes: params w, optimizer state s, and the step count
+    (a pytree)."""
 
     params: Any
     opt_state: Any
