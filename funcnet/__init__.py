@@ -24,13 +24,16 @@ from funcnet.train import (FitResult, History, TrainingError, TrainState, accura
 
 __version__ = "0.1.0"
 
+# The layer classes (fnet.Chain, fnet.Dense, fnet.Repeat, fnet.Residual) are importable
+# here for isinstance checks; help(funcnet.nn) documents them. __all__ lists the contract.
+
 __all__ = [
-    "accuracy", "atomic", "Backprop", "backprop", "Chain", "chain", "check_grads",
-    "checkpoint", "clear_caches", "data", "data_parallel_mesh", "Dense", "dense", "evaluate",
+    "accuracy", "atomic", "Backprop", "backprop", "chain", "check_grads",
+    "checkpoint", "clear_caches", "data", "data_parallel_mesh", "dense", "evaluate",
     "extensions", "fit", "FitResult", "flatten", "gelu", "grad", "GradCheckReport",
     "GradientCheckError", "History", "identity", "init_train_state", "jacobian",
     "jacobian_plan", "JacobianPlan", "jvp", "Layer", "layer", "layer_jacobians", "LayerCheck",
-    "LayerError", "leaky_relu", "losses", "per_example_grads", "relu", "Repeat", "repeat",
-    "Residual", "residual", "shard_batch", "sigmoid", "softplus", "Summary", "summary", "tanh",
+    "LayerError", "leaky_relu", "losses", "per_example_grads", "relu", "repeat",
+    "residual", "shard_batch", "sigmoid", "softplus", "Summary", "summary", "tanh",
     "train_step", "TrainingError", "TrainState", "value_and_grad", "vjp",
 ]

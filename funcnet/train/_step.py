@@ -42,10 +42,22 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
     """A fresh :class:`TrainState` at step 0 holding its own copy of ``params``.
 
     The copy is what lets :func:`train_step` donate the state's buffers without
-    invalidating the caller's ``params``.
+    invalidating the caller's ``params``. Built by one compiled program per optimizer
+    (cached), not by one small program per parameter shape.
     """
-    params = jax.tree.map(jnp.copy, params)
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    try:
+        return _compiled_init(optimizer)(params)
+    except TypeError:  # an unhashable optimizer
+        return _compiled_init.__wrapped__(optimizer)(params)
+
+
+@bounded_cache(maxsize=64)
+def _compiled_init(optimizer):
+    def init(params):
+        params = jax.tree.map(jnp.copy, params)
+        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    return jax.jit(init)
 
 
 def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,

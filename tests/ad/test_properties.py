@@ -12,6 +12,11 @@ at most 1e-10 (see :func:`rel_err`), leaf by leaf:
   6. per_example_grads            vs jax.vmap(jax.grad) of one-example losses; its batch
                                   mean vs fnet.grad
   7. jax.vmap of fnet.jacobian over a batch vs jax.jacfwd per example.
+  8. backprop's batch_grad extension, under a drawn memory policy, vs jax.vmap(jax.grad)
+     of one-example losses; its batch mean vs backprop's own grads.
+
+The random networks include user layers (``fnet.layer``, some with their own
+``per_example_grads`` rule) and repeats (tests/strategies.py).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ TINY = 1e-300
 # Whether funcnet runs under jax.jit or eagerly is drawn per example (the references are
 # always jitted: compiling once is far cheaper than compiling op by op).
 JIT = st.booleans()
+REMAT = st.sampled_from(["keep", "sqrt", "recompute"])
 
 # Examples per property (@settings below) are set so that the file runs in well under 3
 # minutes on 2 CPU cores: every example compiles (XLA, or op by op when eager) for its own
@@ -431,3 +437,36 @@ def test_vmapped_jacobian_matches_jacfwd_per_example(case, jit, mode):
         if with_params:
             assert_close(take(jac_params, b), ref_params,
                          f"vmapped jacobian wrt params, {mode}, example {b}", case)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. The batch_grad extension of backprop, under every memory policy.
+
+@settings(max_examples=10)
+@given(case=cases(), jit=JIT, remat=REMAT)
+def test_batch_grad_matches_vmapped_grad(case, jit, remat):
+    """record.extensions["batch_grad"] leaf b is g_b = grad of example b's own loss, leaves
+    (B, *leaf shape) ((B, n, *S) inside a repeat of n copies); its batch mean is
+    record.grads."""
+    net, loss = case.net, case.loss
+
+    def ours(params, x, y):
+        record = fnet.backprop(net, loss, params, x, y,
+                               extensions=(fnet.extensions.batch_grad(),), remat=remat)
+        return record.extensions["batch_grad"], record.grads
+
+    def one_example_grad(params, xb, yb):
+        return jax.grad(lambda p: loss(net.apply(p, xb[None]), yb[None]))(params)
+
+    reference = jax.jit(jax.vmap(one_example_grad, in_axes=(None, 0, 0)))
+
+    per_example, grads = maybe_jit(ours, jit)(case.params, case.x, case.y)
+    ref = reference(case.params, case.x, case.y)
+    batch = case.x.shape[0]
+    what = f"batch_grad, remat={remat}, {'jit' if jit else 'eager'}"
+    assert jax.tree.structure(per_example) == jax.tree.structure(case.params), what
+    for g, p in zip(jax.tree.leaves(per_example), jax.tree.leaves(case.params)):
+        assert g.shape == (batch,) + p.shape, (what, g.shape, p.shape)
+    assert_close(per_example, ref, what, case)
+    mean = jax.tree.map(lambda g: jnp.asarray(np.mean(np.asarray(g), axis=0)), per_example)
+    assert_close(mean, grads, f"batch mean of {what} vs record.grads", case)
