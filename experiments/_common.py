@@ -1,10 +1,15 @@
-"""Shared plumbing for the experiment scripts: results folders, atomic files, tables."""
+"""Shared plumbing for the experiment scripts: results folders, atomic files, tables, and
+an opt-in persistent compilation cache."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from funcnet.atomic import atomic_write
 
@@ -34,3 +39,43 @@ def table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# --- persistent compilation cache (opt-in) --------------------------------------------------
+
+COMPILATION_CACHE_ENV = "FUNCNET_COMPILATION_CACHE"
+
+
+def add_compilation_cache_flag(parser) -> None:
+    """Adds ``--compilation-cache DIR`` to an argparse parser; its default is the
+    environment variable ``FUNCNET_COMPILATION_CACHE`` (unset: no cache, the default).
+    Pass the parsed value to :func:`enable_compilation_cache`."""
+    parser.add_argument(
+        "--compilation-cache", metavar="DIR", default=os.environ.get(COMPILATION_CACHE_ENV) or None,
+        help="keep XLA's compiled programs in DIR (JAX's persistent compilation cache), so "
+             "that a second run of the same script loads them instead of compiling; default "
+             f"${COMPILATION_CACHE_ENV}, else off. Use a folder only you can write to.")
+
+
+def enable_compilation_cache(path: Optional[str]) -> Optional[Path]:
+    """Turns on JAX's persistent compilation cache in folder ``path`` (created if need
+    be) for every program this process compiles from now on; does nothing for a false
+    ``path``. Returns the folder, or None.
+
+    Every program is cached, however small or fast to compile (JAX's default skips those
+    that compiled in under a second, i.e. all of a small job's). A program is found again
+    when the next run compiles the same computation with the same JAX, jaxlib and
+    backend. JAX treats the cache as trusted code: do not share the folder with users you
+    do not trust.
+    """
+    if not path:
+        return None
+    folder = Path(path).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # JAX decides once per process, at its first compilation, whether a cache is in use;
+    # reset that decision so the folder counts even when something compiled already
+    compilation_cache.reset_cache()
+    return folder

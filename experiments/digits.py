@@ -8,6 +8,7 @@ Writes ``results.json`` (every number) and ``loss.png`` (training loss against s
 against wall time) to the results folder and prints a Markdown table.
 
     python experiments/digits.py --help
+    python experiments/digits.py --compilation-cache ~/.cache/funcnet-xla   # 2nd run: no compiling
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 import optax
 
 import funcnet as fnet
-from _common import results_dir, save_figure, table, write_json
+from _common import (add_compilation_cache_flag, enable_compilation_cache, results_dir,
+                     save_figure, table, write_json)
 
 
 def configurations(scale: float):
@@ -73,7 +75,9 @@ def main(argv=None):
                         help="multiply every run's epochs by this (0.05 for a smoke run)")
     parser.add_argument("--no-sklearn", action="store_true", help="skip the reference row")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_compilation_cache_flag(parser)
     args = parser.parse_args(argv)
+    enable_compilation_cache(args.compilation_cache)
 
     folder = results_dir(args.results)
     data = fnet.data.load_digits(seed=args.seed)

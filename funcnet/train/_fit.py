@@ -62,28 +62,38 @@ class FitResult:
         return self.state.params
 
 
-def _indexed_step(net, loss, optimizer, remat, scanned: bool):
+def _indexed_step(net, loss, optimizer, remat, count: int):
     """The compiled step fit runs, from the cache when the same (net, loss, optimizer,
     remat) was trained before; compiled afresh when one of them is unhashable."""
     try:
-        return _compiled_indexed_step(net, loss, optimizer, remat, scanned)
+        return _compiled_indexed_step(net, loss, optimizer, remat, count)
     except TypeError:
-        return _compiled_indexed_step.__wrapped__(net, loss, optimizer, remat, scanned)
+        return _compiled_indexed_step.__wrapped__(net, loss, optimizer, remat, count)
 
 
 @bounded_cache(maxsize=32)
-def _compiled_indexed_step(net, loss, optimizer, remat, scanned: bool):
-    """One jitted call that gathers the batch on the device and steps; with ``scanned``,
-    a ``lax.scan`` of such steps over a (steps, batch) block of indices."""
+def _compiled_indexed_step(net, loss, optimizer, remat, count: int):
+    """``run(state, x, y, batches, start)``: one jitted call that takes ``count`` steps on
+    the mini-batches ``batches[start:start + count]`` (an epoch's (steps, batch) index
+    array), gathering each on the device; more than one step is a ``lax.scan``. Indexing
+    inside the call keeps the per-step loop free of small eager programs."""
     step = step_fn(net, loss, optimizer, remat)
 
     def indexed(state, x, y, indices):
         return step(state, x[indices], jax.tree.map(lambda t: t[indices], y))
 
-    def many(state, x, y, index_block):
-        return jax.lax.scan(lambda s, indices: indexed(s, x, y, indices), state, index_block)
+    def run(state, x, y, batches, start):
+        if count == 1:
+            return indexed(state, x, y, batches[start])
+        block = jax.lax.dynamic_slice_in_dim(batches, start, count)
+        return jax.lax.scan(lambda s, indices: indexed(s, x, y, indices), state, block)
 
-    return jax.jit(many if scanned else indexed, donate_argnums=0)
+    return jax.jit(run, donate_argnums=0)
+
+
+def _on_device(array):
+    """``array`` as a device array (moved once; no program compiled for it)."""
+    return array if isinstance(array, jax.Array) else jax.device_put(np.asarray(array))
 
 
 def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params, x, y, *,
@@ -149,18 +159,18 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         state, key, first_epoch = _resume(checkpoint_path, state, key)
         epochs = max(0, last_epoch - first_epoch + 1)
     if mesh is None:
-        x, y = jnp.asarray(x), jax.tree.map(jnp.asarray, y)
-        indexed_step = _indexed_step(net, loss, optimizer, remat, scanned=calls > 1)
+        x, y = _on_device(x), jax.tree.map(_on_device, y)
 
-        def step(state, indices):
-            return indexed_step(state, x, y, indices)
+        def step(state, batches, start, count):
+            return _indexed_step(net, loss, optimizer, remat, count)(state, x, y, batches, start)
     else:
         check_divisible(mesh, batch_size)
         x, y = np.asarray(x), jax.tree.map(np.asarray, y)
         state = jax.device_put(state, replicated(mesh))
         sharded_step = train_step(net, loss, optimizer, mesh, remat)
 
-        def step(state, indices):
+        def step(state, batches, start, count):
+            indices = batches[start]  # count is 1: steps_per_call > 1 is refused with a mesh
             batch_x, batch_y = shard_batch(mesh, (x[indices], jax.tree.map(lambda t: t[indices], y)))
             return sharded_step(state, batch_x, batch_y)
     # how often losses come back to the host (a device sync): about 20 times an epoch,
@@ -181,10 +191,10 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
             epoch_sum, waiting = 0.0, 0
             for start_index in range(0, steps_per_epoch, calls):
                 # one step (a scalar loss) or a scanned block of steps (a vector of losses)
-                block = batches[start_index] if calls == 1 else batches[start_index:start_index + calls]
-                state, value = step(state, block)
+                count = min(calls, steps_per_epoch - start_index)
+                state, value = step(state, batches, start_index, count)
                 pending.append(value)
-                waiting += 1 if calls == 1 else len(block)
+                waiting += count
                 if waiting >= log_every or start_index + calls >= steps_per_epoch:
                     values = np.concatenate([np.atleast_1d(v) for v in jax.device_get(pending)])
                     values = values.astype(np.float64)
