@@ -1,4 +1,4 @@
-"""What ``repeat(block, n)`` keeps for its backward pass (``funcnet._repeat_residuals``).
+"""What ``repeat(block, n)`` keeps for its backward pass (``funcnet.ad._repeat_plan``).
 
 The repeat keeps, per copy, only the activations its layers' backward steps need (dense:
 its input; tanh, sigmoid, relu, identity: their output, which is the next layer's input;
