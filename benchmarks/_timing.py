@@ -9,6 +9,7 @@ reported. Ratios of such medians are what the scripts print and check against ta
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -182,6 +183,19 @@ def environment() -> Dict[str, Any]:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
+
+
+def benchmark_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The command line every benchmark that writes ``<name>.json`` and ``<name>.md``
+    starts from: its docstring's first paragraph as the description, the rest as the
+    epilog, and ``--results FOLDER``."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], epilog="\n\n".join(doc.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=os.path.join("results", "benchmarks"),
+                        help=f"results folder (default results/benchmarks); writes {name}.json "
+                             f"and {name}.md")
+    return parser
 
 
 def save_results(name: str, folder, results: Dict[str, Any],

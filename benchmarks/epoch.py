@@ -31,7 +31,6 @@ the per-step loop; its test accuracy within 1 point of scikit-learn's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -49,8 +48,8 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from _timing import (environment, save_results, table, target_row,  # noqa: E402
-                     targets_table)
+from _timing import (benchmark_parser, environment, save_results, table,  # noqa: E402
+                     target_row, targets_table)
 
 NAME = "epoch"
 HIDDEN = (256, 256)
@@ -188,13 +187,7 @@ def max_abs_diff(a, b):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=os.path.join("results", "benchmarks"),
-                        help=f"results folder (default results/benchmarks); writes {NAME}.json "
-                             f"and {NAME}.md")
+    parser = benchmark_parser(__doc__, NAME)
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 30; 3 quick)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds of every contender, taking turns (default 3; 1 quick)")

@@ -246,18 +246,15 @@ def _compiles_in(result, start_mark, end_mark):
 
 
 def main(argv=None):
-    import argparse
     import random
     import statistics
     import tempfile
 
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=os.path.join("results", "benchmarks"),
-                        help=f"results folder (default results/benchmarks); writes {NAME}.json "
-                             f"and {NAME}.md")
+    sys.path.insert(0, str(HERE))
+    from _timing import (benchmark_parser, environment, save_results, summarize, table,
+                         target_row, targets_table)
+
+    parser = benchmark_parser(__doc__, NAME)
     parser.add_argument("--runs", type=int, default=None,
                         help="timed runs (fresh processes) of every contender (default 7; 1 quick)")
     parser.add_argument("--epochs", type=int, default=None,
@@ -275,9 +272,6 @@ def main(argv=None):
     import_runs = args.import_runs or runs
     if runs < 1 or epochs < 1 or import_runs < 1:
         parser.error("--runs, --epochs and --import-runs must be positive")
-
-    sys.path.insert(0, str(HERE))
-    from _timing import environment, save_results, summarize, table, target_row, targets_table
 
     main_job = _main_job_settings()
     matches_main_job = main_job == {"batch": BATCH, "epochs": EPOCHS}

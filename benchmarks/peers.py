@@ -63,7 +63,6 @@ import os
 # Set OMP_WAIT_POLICY yourself to override; the value used is recorded in the JSON.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import importlib
 import math
 import platform
@@ -82,8 +81,8 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from _timing import (cost_flops, environment, save_results, shuffled_times,  # noqa: E402
-                     summarize, table, target_row, targets_table)
+from _timing import (benchmark_parser, cost_flops, environment, save_results,  # noqa: E402
+                     shuffled_times, summarize, table, target_row, targets_table)
 
 NAME = "peers"
 LEARNING_RATE = 1e-3
@@ -669,13 +668,7 @@ def report(results) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=os.path.join("results", "benchmarks"),
-                        help=f"results folder (default results/benchmarks); writes {NAME}.json "
-                             f"and {NAME}.md")
+    parser = benchmark_parser(__doc__, NAME)
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed interleaved rounds per configuration (default 30; 3 quick)")
     parser.add_argument("--block", type=int, default=None,
