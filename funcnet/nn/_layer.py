@@ -171,16 +171,10 @@ def _function_name(fn) -> str:
 def xla_flops(layer: Layer, in_shape: Shape) -> int:
     """XLA's FLOP count of ``layer.apply`` on one example (no data: abstract params)."""
     params, _ = abstract_init(layer, in_shape)
-    example = jax.ShapeDtypeStruct((1,) + tuple(in_shape), input_dtype(layer))
+    example = jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.result_type(float))
     analysis = jax.jit(layer.apply).lower(params, example).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return int((analysis or {}).get("flops", math.prod(in_shape)))
-
-
-def input_dtype(layer: Layer):
-    """The dtype of inputs a layer is probed with: JAX's default float dtype."""
-    del layer
-    return jnp.result_type(float)
 
 
 def _rebuild_hint(in_shape: Shape) -> str:
