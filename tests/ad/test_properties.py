@@ -382,6 +382,15 @@ def test_layer_jacobians_match_jacfwd(case, jit):
         assert b.shape[0] == b_next.shape[1]
 
 
+def per_example_reference(net, loss):
+    """The contract's per-example gradients by JAX alone: jax.vmap over the examples of
+    jax.grad of each example's own loss, jitted."""
+    def one_example_grad(params, xb, yb):
+        return jax.grad(lambda p: loss(net.apply(p, xb[None]), yb[None]))(params)
+
+    return jax.jit(jax.vmap(one_example_grad, in_axes=(None, 0, 0)))
+
+
 # ---------------------------------------------------------------------------------------
 # 6. Per-example gradients.
 
@@ -394,10 +403,7 @@ def test_per_example_grads(case, jit):
         return (fnet.per_example_grads(net, loss)(params, x, y),
                 fnet.grad(net, loss)(params, x, y))
 
-    def one_example_grad(params, xb, yb):
-        return jax.grad(lambda p: loss(net.apply(p, xb[None]), yb[None]))(params)
-
-    reference = jax.jit(jax.vmap(one_example_grad, in_axes=(None, 0, 0)))
+    reference = per_example_reference(net, loss)
 
     per_example, full = maybe_jit(ours, jit)(case.params, case.x, case.y)
     ref = reference(case.params, case.x, case.y)
@@ -455,10 +461,7 @@ def test_batch_grad_matches_vmapped_grad(case, jit, remat):
                                extensions=(fnet.extensions.batch_grad(),), remat=remat)
         return record.extensions["batch_grad"], record.grads
 
-    def one_example_grad(params, xb, yb):
-        return jax.grad(lambda p: loss(net.apply(p, xb[None]), yb[None]))(params)
-
-    reference = jax.jit(jax.vmap(one_example_grad, in_axes=(None, 0, 0)))
+    reference = per_example_reference(net, loss)
 
     per_example, grads = maybe_jit(ours, jit)(case.params, case.x, case.y)
     ref = reference(case.params, case.x, case.y)
