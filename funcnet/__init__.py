@@ -11,7 +11,7 @@ Subpackages: ``funcnet.nn`` (layers), ``funcnet.ad`` (differentiation),
 
 from funcnet import atomic, checkpoint, data, losses
 from funcnet._caches import clear_caches
-from funcnet._errors import LayerError
+from funcnet._errors import ArgumentError, LayerError
 from funcnet.ad import (Backprop, GradCheckReport, GradientCheckError, JacobianPlan, LayerCheck,
                         backprop, check_grads, extensions, grad, jacobian, jacobian_plan, jvp,
                         layer_jacobians, per_example_grads, value_and_grad, vjp)
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 # here for isinstance checks; help(funcnet.nn) documents them. __all__ lists the contract.
 
 __all__ = [
-    "accuracy", "atomic", "Backprop", "backprop", "chain", "check_grads",
+    "accuracy", "ArgumentError", "atomic", "Backprop", "backprop", "chain", "check_grads",
     "checkpoint", "clear_caches", "data", "data_parallel_mesh", "dense", "evaluate",
     "extensions", "fit", "FitResult", "flatten", "gelu", "grad", "GradCheckReport",
     "GradientCheckError", "History", "identity", "init_train_state", "jacobian",

@@ -33,5 +33,28 @@ class LayerError(ValueError):
         return LayerError(self.problem, ((index, name),) + self.path)
 
 
+class ArgumentError(ValueError, TypeError):
+    """A plain argument mistake at a public entry point (a wrong type or value of an
+    argument such as ``batch_size``, ``loss`` or ``x``), naming the argument, what was
+    expected, what came, and the fix.
+
+    Both a ``ValueError`` and a ``TypeError``, so either ``except`` clause catches it.
+    Mistakes about the network itself (a layer's params or shapes) raise
+    :class:`LayerError` instead.
+
+    Attributes:
+      argument: the argument's name, e.g. ``"batch_size"`` or ``"eval_data"``.
+      problem: what is wrong, with expected and actual values and the fix.
+    """
+
+    def __init__(self, argument: str, problem: str):
+        self.argument = argument
+        self.problem = problem
+        super().__init__(f"{argument}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.argument, self.problem)
+
+
 def shape_str(shape: Sequence[int]) -> str:
     return str(tuple(int(d) for d in shape))
