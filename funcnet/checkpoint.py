@@ -33,18 +33,34 @@ File format (version 1): one uncompressed ``.npz`` archive, readable with
 
 Atomicity: ``save`` writes a temporary file ``.<name>.<random>.tmp`` in the target's
 directory, flushes and fsyncs it, ``os.replace``s it onto the target and fsyncs the
-directory. At every moment the target is either the previous checkpoint or the new one,
-whole. An exception (or Ctrl-C) during ``save`` removes the temporary file; a process
-killed outright (SIGKILL, power loss) may leave one behind, which never affects the
-target and can be deleted.
+directory (:func:`funcnet.atomic.atomic_write`). At every moment the target is either the
+previous checkpoint or the new one, whole. A save that fails (Ctrl-C, or an ``OSError``
+such as a full disk, a file size limit or a directory without write permission, which
+``save`` raises as a :class:`CheckpointError` naming the path, the system's reason and a
+fix) removes its temporary file and leaves the previous checkpoint as it was. A process
+killed outright (SIGKILL, power loss) may leave its temporary file behind; it never
+affects the target, and the next ``save`` to the same path removes it (never the
+temporary file of a save still running in another process).
+
+Validation: ``load`` trusts nothing in the file. Besides the checksum, every header field
+and leaf record must be one ``save`` could have written (a known dtype, a stored dtype
+and shape that follow from the leaf's dtype, shape, PRNG implementation or Python type,
+a non-negative step, distinct key paths, no extra archive entries), checked before any
+jax array is built; anything else, even under a valid checksum, is a
+:class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import json
+import math
 import operator
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -52,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet.atomic import atomic_write
+from funcnet.atomic import atomic_write, temporary_files
 
 __all__ = ["Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "info", "load",
            "save"]
@@ -125,18 +141,22 @@ def save(path: PathLike, tree: Any, *, step: Optional[int] = None,
 
     Raises:
       CheckpointError: an unsupported leaf (named by its key path), a traced value (save
-        cannot run inside ``jax.jit``), a bad step or metadata, or a missing directory.
+        cannot run inside ``jax.jit``), a bad step or metadata, a missing directory, or
+        a failed write (a full disk, a file size limit, no permission: the system's
+        reason and what to do; the previous file at ``path`` is then unchanged).
     """
     path = Path(os.fspath(path))
     step = _check_step(path, step)
     metadata = _check_metadata(path, metadata)
     directory = path.parent
-    if not directory.is_dir():
-        raise CheckpointError(path, f"the directory {directory} does not exist; create it "
-                                    f"first (os.makedirs({str(directory)!r}, exist_ok=True)).")
-    if path.is_dir():
-        raise CheckpointError(path, "is a directory; give a file name inside it, e.g. "
-                                    f"{path / 'checkpoint.npz'}.")
+    with _writing(path):
+        if not directory.is_dir():
+            raise CheckpointError(path, f"the directory {directory} does not exist; create "
+                                        f"it first (os.makedirs({str(directory)!r}, "
+                                        f"exist_ok=True)).")
+        if path.is_dir():
+            raise CheckpointError(path, "is a directory; give a file name inside it, e.g. "
+                                        f"{path / 'checkpoint.npz'}.")
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     specs, stored = [], []
@@ -150,8 +170,36 @@ def save(path: PathLike, tree: Any, *, step: Optional[int] = None,
 
     entries = {_HEADER: np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)}
     entries.update((f"leaf_{i}", array) for i, array in enumerate(stored))
-    atomic_write(path, lambda file: _write_archive(file, entries))
+    with _writing(path):
+        atomic_write(path, lambda file: _write_archive(file, entries))
     return path
+
+
+_WRITE_FIXES = {
+    errno.ENOSPC: "Free space on that disk (e.g. delete old checkpoints) or save to another "
+                  "disk.",
+    getattr(errno, "EDQUOT", -1): "Free space under your disk quota (e.g. delete old "
+                                  "checkpoints) or save elsewhere.",
+    errno.EFBIG: "The file is larger than this process may write (the file size limit, "
+                 "`ulimit -f`) or than the file system allows: raise the limit or save to "
+                 "another file system.",
+    errno.EACCES: "Check the permissions of the directory {dir} (saving creates a "
+                  "temporary file there and renames it onto the path) and of the file.",
+    errno.EROFS: "The file system is read-only; save to a writable directory.",
+}
+_WRITE_FIXES[errno.EPERM] = _WRITE_FIXES[errno.EACCES]
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turns an OSError of saving into a CheckpointError with the reason and a fix."""
+    try:
+        yield
+    except OSError as e:
+        fix = _WRITE_FIXES.get(e.errno, "Check the disk and the directory {dir}.")
+        raise CheckpointError(path, f"could not be written: {e}. The previous file at the "
+                                    f"path, if any, is unchanged. "
+                                    f"{fix.format(dir=path.parent)}") from e
 
 
 def _where(key_path) -> str:
@@ -165,10 +213,13 @@ def _check_step(path: Path, step: Any) -> Optional[int]:
     try:
         if isinstance(step, bool):
             raise TypeError
-        return operator.index(step)
+        index = operator.index(step)
+        if index < 0:
+            raise TypeError
+        return index
     except TypeError:
-        raise CheckpointError(path, f"step must be an integer (or None), got {step!r}; pass "
-                                    f"e.g. step=int(step).") from None
+        raise CheckpointError(path, f"step must be a non-negative integer (or None), got "
+                                    f"{step!r}; pass e.g. step=int(step).") from None
 
 
 def _check_metadata(path: Path, metadata: Any) -> Dict[str, Any]:
@@ -208,12 +259,12 @@ def _encode_leaf(path: Path, where: str, leaf: Any) -> Tuple[dict, np.ndarray]:
                      impl=str(jax.random.key_impl(leaf))), array
     array = _to_numpy(path, where, lambda: leaf)
     dtype = array.dtype
-    if dtype.kind not in "biufc":
-        if not (dtype.kind == "V" and dtype.names is None and _is_jax_dtype(dtype.name)):
-            raise CheckpointError(path, f"leaf {where} has dtype {dtype}, which checkpoints "
-                                        f"do not store (numeric dtypes only, bfloat16 "
-                                        f"included).")
-        array = array.view(np.dtype(f"uint{8 * dtype.itemsize}"))
+    storage = _storage_dtype(dtype.name)
+    if storage is None:
+        raise CheckpointError(path, f"leaf {where} has dtype {dtype}, which checkpoints "
+                                    f"do not store (the numeric dtypes of jax arrays only, "
+                                    f"bfloat16 included).")
+    array = array.view(storage)
     return _spec(where, "array", dtype.name, leaf.shape, array), array
 
 
@@ -242,11 +293,37 @@ def _to_numpy(path: Path, where: str, get) -> np.ndarray:
     return np.asarray(array, order="C")  # (np.ascontiguousarray would make 0-d 1-d)
 
 
-def _is_jax_dtype(name: str) -> bool:
+def _storage_dtype(name: str) -> Optional[np.dtype]:
+    """The dtype that arrays of dtype ``name`` are stored as: numpy's numeric dtypes as
+    they are, bfloat16 and the other ml_dtypes as unsigned integers of their width; None
+    where ``name`` is no dtype of jax arrays (not a dtype, or not numeric, or numpy's
+    float128 and complex256, which jax lacks)."""
     try:
-        return jnp.dtype(name).name == name
-    except TypeError:
-        return False
+        dtype = jnp.dtype(name)
+    except Exception:  # Any string may come from a file; numpy raises various errors.
+        return None
+    if dtype.name != name or dtype.itemsize > (16 if dtype.kind == "c" else 8):
+        return None
+    if dtype.kind in "biufc":
+        return dtype
+    if dtype.kind == "V" and dtype.names is None and dtype.subdtype is None:
+        return np.dtype(f"uint{8 * dtype.itemsize}")  # (jnp.dtype names no other void)
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _key_layout(impl: str) -> Optional[Tuple[str, str, Tuple[int, ...]]]:
+    """The key dtype's name, the key data's dtype name and the key data's trailing shape
+    of the PRNG implementation named ``impl``; None if jax knows no such implementation."""
+    def make():
+        key = jax.random.key(0, impl=impl)
+        return key, jax.random.key_data(key)
+
+    try:
+        key, data = jax.eval_shape(make)
+    except (ValueError, TypeError):
+        return None
+    return str(key.dtype), np.dtype(data.dtype).name, tuple(data.shape)
 
 
 def _canonical(header: dict) -> bytes:
@@ -328,9 +405,10 @@ def _check_readable(path: Path) -> None:
     if not path.exists():
         where = (f"its directory {path.parent} exists" if path.parent.is_dir()
                  else f"its directory {path.parent} does not exist either")
-        leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.*.tmp"))
+        leftovers = [p.name for p in temporary_files(path)]
         note = (f"; beside it are incomplete temporary files of interrupted saves, which "
-                f"cannot be loaded: {', '.join(leftovers)}" if leftovers else "")
+                f"cannot be loaded (the next save removes them): {', '.join(leftovers)}"
+                if leftovers else "")
         raise CheckpointError(path, f"no such file ({where}{note}). Check the path, or "
                                     f"save a checkpoint there first.")
     if path.is_dir():
@@ -386,7 +464,8 @@ def _validate_header(path: Path, header: dict) -> None:
     def bad(what):
         return CheckpointError(path, f"is corrupt: its header's {what}. {_CORRUPT_HINT}")
 
-    fields = {"step": lambda v: v is None or _is_int(v), "metadata": lambda v: isinstance(v, dict),
+    fields = {"step": lambda v: v is None or (_is_int(v) and v >= 0),
+              "metadata": lambda v: isinstance(v, dict),
               "structure": lambda v: isinstance(v, str), "leaves": lambda v: isinstance(v, list),
               "checksum": lambda v: isinstance(v, str) and v.startswith("sha256:")}
     for name, ok in fields.items():
@@ -402,6 +481,45 @@ def _validate_header(path: Path, header: dict) -> None:
                    or (spec.get("kind") == "python" and spec.get("type") in _PYTHON_TYPES)))
         if not ok:
             raise bad(f"record of leaf {i} is malformed ({spec!r})")
+        problem = _record_problem(spec)
+        if problem:
+            raise bad(f"record of leaf {i}, {spec['path']}, {problem}")
+    paths = [spec["path"] for spec in header["leaves"]]
+    if len(set(paths)) != len(paths):
+        twice = next(p for i, p in enumerate(paths) if p in paths[:i])
+        raise bad(f"leaves name the key path {twice} twice")
+
+
+def _record_problem(spec: dict) -> Optional[str]:
+    """What makes a well-formed leaf record one that save never writes, or None: its
+    stored dtype and shape must follow from its dtype and shape (and PRNG implementation,
+    or Python type), so that _decode_leaf cannot fail or change the shape."""
+    kind, dtype, shape = spec["kind"], spec["dtype"], tuple(spec["shape"])
+    if kind == "python":
+        if dtype != spec["type"] or shape:
+            return f"gives a Python {spec['type']} the dtype {dtype!r} and shape {shape}"
+        storage, stored_shape = np.dtype(_PYTHON_STORAGE[dtype]).name, ()
+    elif kind == "key":
+        layout = _key_layout(spec["impl"])
+        if layout is None:
+            return f"names the PRNG implementation {spec['impl']!r}, which jax does not know"
+        key_dtype, storage, trailing = layout
+        if dtype != key_dtype:
+            return (f"gives a key of implementation {spec['impl']} the dtype {dtype!r}, not "
+                    f"{key_dtype!r}")
+        stored_shape = shape + trailing
+    else:
+        stored = _storage_dtype(dtype)
+        if stored is None:
+            return f"has the dtype {dtype!r}, which is not a dtype of jax arrays"
+        storage, stored_shape = stored.name, shape
+    found = (spec["stored_dtype"], tuple(spec["stored_shape"]))
+    if found != (storage, stored_shape):
+        return (f"stores a {_show(_found(spec))} as {found[0]} of shape {found[1]}, where "
+                f"save stores it as {storage} of shape {stored_shape}")
+    if math.prod(stored_shape) * np.dtype(storage).itemsize > sys.maxsize:
+        return f"gives the shape {shape}, larger than any array can be"
+    return None
 
 
 def _describe_template(path: Path, like: Any) -> Tuple[List[Tuple[str, Any]], Any]:
@@ -491,6 +609,10 @@ def _read_leaves(path: Path, archive, header: dict) -> List[np.ndarray]:
     if missing:
         raise CheckpointError(path, f"is corrupt or truncated: entries {', '.join(missing[:5])}"
                                     f" are missing from the archive. {_CORRUPT_HINT}")
+    extra = sorted(set(archive.files) - {_HEADER} - {f"leaf_{i}" for i in range(len(specs))})
+    if extra:
+        raise CheckpointError(path, f"is corrupt: the archive holds entries that its header "
+                                    f"does not list ({', '.join(extra[:5])}). {_CORRUPT_HINT}")
     stored = []
     for i, spec in enumerate(specs):
         array = archive[f"leaf_{i}"]

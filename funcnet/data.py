@@ -15,7 +15,11 @@ and a test part, ready for ``net.init(key, ds.in_shape)`` and ``net.apply(params
 
 A file that is missing, truncated or inconsistent raises :class:`DataError` (a
 ``ValueError``; the missing-file case is also a ``FileNotFoundError``) whose message names
-the file, says what is wrong and how to fix it. Nothing here touches the network.
+the file, says what is wrong and how to fix it. The file loaders check the size a
+header declares before reading the data, and refuse more than ``max_bytes`` of data per
+file (per array of an .npz; 4 GiB by default), so a damaged or hostile file (a
+decompression bomb, a header claiming terabytes) cannot make them allocate or decompress
+more. Nothing here touches the network.
 
 scikit-learn is an optional dependency (``pip install 'funcnet[experiments]'``); it is
 imported only when one of its loaders is called.
@@ -35,11 +39,16 @@ from typing import NamedTuple, Optional, Tuple, Union
 import jax.numpy as jnp
 import numpy as np
 
+from funcnet._arguments import check_int
 from funcnet.atomic import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 TASKS = ("classification", "binary", "regression")
+
+#: The default ``max_bytes`` of the file loaders: 4 GiB of data per file (per array of
+#: an .npz).
+DEFAULT_MAX_BYTES = 4 * 2**30
 
 
 # --------------------------------------------------------------------------------------
@@ -330,42 +339,75 @@ IDX_DTYPES = {
 }
 _IDX_CODES = {(dt.kind, dt.itemsize): code for code, dt in IDX_DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
+#: deflate's largest expansion (zlib's technical notes): no gzip file of n bytes
+#: decompresses to more than 1032 * n bytes.
+_DEFLATE_MAX_RATIO = 1032
+_CHUNK = 2**20
 
 
-def _read_bytes(path: pathlib.Path, what: str) -> bytes:
+def _open(path: pathlib.Path, what: str):
+    """``path`` opened for binary reading; a missing file or a directory is a DataError."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return open(path, "rb")
     except FileNotFoundError:
         raise _missing(path, what) from None
     except IsADirectoryError:
         raise DataError(f"is a directory, expected {what}.", path) from None
 
 
-def _gunzip(raw: bytes, path: pathlib.Path) -> bytes:
-    try:
-        return gzip.decompress(raw)
-    except EOFError:
-        raise DataError(
-            "the gzip stream ends early: the file is truncated (an interrupted download "
-            "or copy?). Fetch it again.",
-            path,
-        ) from None
-    except (OSError, zlib.error) as e:
-        raise DataError(
-            f"starts like a gzip file but its compressed data is corrupt ({e}). Fetch it "
-            f"again, or check that it is the file you meant.",
-            path,
-        ) from None
+def _check_max_bytes(max_bytes) -> int:
+    return check_int("max_bytes", max_bytes, minimum=1)
 
 
-def read_idx(path: PathLike) -> np.ndarray:
+def _too_big(declared: str, size: int, max_bytes: int) -> str:
+    return (
+        f"{declared}, more than max_bytes={max_bytes} allows; refused before reading it. "
+        f"If the file is what you expect, pass max_bytes={size} (or more) to raise the limit."
+    )
+
+
+def _read_upto(f, n: int) -> bytearray:
+    """At most ``n`` bytes from ``f``, fewer at its end. Read in chunks, so what is
+    allocated is what the file really yields, never what a header claims."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = f.read(min(n - len(out), _CHUNK))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _skip_upto(f, n: int) -> int:
+    """Reads and discards at most ``n`` bytes of ``f``; returns how many there were."""
+    count = 0
+    while count < n:
+        chunk = f.read(min(n - count, _CHUNK))
+        if not chunk:
+            break
+        count += len(chunk)
+    return count
+
+
+def read_idx(path: PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Reads one IDX file (the format of MNIST and its relatives), gzipped or not.
 
     Layout: two zero bytes; a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
     0x0D float32, 0x0E float64); the number of dimensions n; n big-endian uint32 sizes;
     then the elements, big-endian, in C order. A file that starts with the gzip magic
     bytes 1f 8b is decompressed first, whatever its name.
+
+    The size of the data, prod(sizes) * itemsize, is checked against the header before
+    any of it is read: it must equal what an uncompressed file holds after the header,
+    fit in what a gzip file can decompress to (deflate expands at most 1032-fold), and
+    not exceed ``max_bytes``. Gzip data is decompressed in chunks and never beyond
+    ``max_bytes`` (+1, to see that there is more), so a decompression bomb stops there.
+
+    Args:
+      path: the file.
+      max_bytes: the most bytes of data (after decompression, without the header) the
+        file may hold; default 4 GiB (MNIST's training images are 47 MB). Raise it for
+        larger files.
 
     Returns:
       A writable numpy array of the header's shape, in native byte order (uint8 for
@@ -374,22 +416,46 @@ def read_idx(path: PathLike) -> np.ndarray:
     Raises:
       DataFileNotFoundError: no such file (a hint names a gzipped/un-gzipped twin).
       DataError: corrupt or truncated gzip data; a bad magic number; an unknown type
-        code; a header or data section shorter or longer than the header declares.
+        code; a header or data section shorter or longer than the header declares; data
+        larger than ``max_bytes``.
+      ArgumentError: ``max_bytes`` is not a positive int.
     """
     path = pathlib.Path(path)
-    raw = _read_bytes(path, "IDX file")
-    gz = raw[:2] == _GZIP_MAGIC
-    content = _gunzip(raw, path) if gz else raw
-    where = " (after gzip decompression)" if gz else ""
+    max_bytes = _check_max_bytes(max_bytes)
+    with _open(path, "IDX file") as f:
+        gz = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        file_size = os.fstat(f.fileno()).st_size
+        if not gz:
+            return _read_idx_from(f, path, file_size, False, max_bytes)
+        try:
+            with gzip.GzipFile(fileobj=f, mode="rb") as g:
+                return _read_idx_from(g, path, file_size, True, max_bytes)
+        except EOFError:
+            raise DataError(
+                "the gzip stream ends early: the file is truncated (an interrupted "
+                "download or copy?). Fetch it again.",
+                path,
+            ) from None
+        except (OSError, zlib.error) as e:
+            raise DataError(
+                f"starts like a gzip file but its compressed data is corrupt ({e}). Fetch "
+                f"it again, or check that it is the file you meant.",
+                path,
+            ) from None
 
-    if len(content) < 4:
+
+def _read_idx_from(f, path: pathlib.Path, file_size: int, gz: bool, max_bytes: int):
+    """read_idx's parsing, from ``f`` (the file itself, or a GzipFile over it)."""
+    where = " (after gzip decompression)" if gz else ""
+    magic = bytes(_read_upto(f, 4))
+    if len(magic) < 4:
         raise DataError(
             f"the header is truncated: an IDX file starts with a 4-byte magic number, but "
-            f"the file holds only {len(content)} byte(s){where}. The file is incomplete or "
+            f"the file holds only {len(magic)} byte(s){where}. The file is incomplete or "
             f"not an IDX file.",
             path,
         )
-    magic = content[:4]
     if magic[:2] != b"\x00\x00":
         if magic[:2] == b"PK":
             guess = " It looks like a zip archive (an .npz?); use load_npz for those."
@@ -412,32 +478,61 @@ def read_idx(path: PathLike) -> np.ndarray:
         )
     dtype = IDX_DTYPES[code]
     header_size = 4 + 4 * ndim
-    if len(content) < header_size:
+    sizes = bytes(_read_upto(f, 4 * ndim))
+    if len(sizes) < 4 * ndim:
         raise DataError(
             f"the header is truncated: it declares {ndim} dimension(s), so it is "
-            f"{header_size} bytes long, but the file holds only {len(content)} byte(s)"
+            f"{header_size} bytes long, but the file holds only {4 + len(sizes)} byte(s)"
             f"{where}. The file is incomplete; fetch it again.",
             path,
         )
-    shape = struct.unpack(f">{ndim}I", content[4:header_size])
+    shape = struct.unpack(f">{ndim}I", sizes)
     expected = math.prod(shape) * dtype.itemsize
-    got = len(content) - header_size
-    if got != expected:
-        declared = f"shape {shape} of {dtype.name}, which needs {expected} bytes of data"
+    declared = (
+        f"the header declares shape {shape} of {dtype.name}, which needs {expected} bytes "
+        f"of data"
+    )
+
+    def mismatch(got: int, amount: str) -> DataError:
         if got < expected:
             problem = (
-                f"the data is truncated: the header declares {declared}, but only {got} "
-                f"bytes follow the {header_size}-byte header{where}. The file is "
-                f"incomplete (an interrupted download or copy?); fetch it again."
+                f"the data is truncated: {declared}, but only {amount} follow the "
+                f"{header_size}-byte header{where}. The file is incomplete (an "
+                f"interrupted download or copy?); fetch it again."
             )
         else:
             problem = (
-                f"the data is oversized: the header declares {declared}, but {got} bytes "
-                f"({got - expected} extra) follow the {header_size}-byte header{where}. "
-                f"Header and data disagree; the file is corrupt or not an IDX file."
+                f"the data is oversized: {declared}, but {amount} follow the "
+                f"{header_size}-byte header{where}. Header and data disagree; the file is "
+                f"corrupt or not an IDX file."
             )
-        raise DataError(problem, path)
-    data = np.frombuffer(content, dtype=dtype, offset=header_size).reshape(shape)
+        return DataError(problem, path)
+
+    if not gz and file_size - header_size != expected:
+        got = file_size - header_size
+        extra = f" ({got - expected} extra)" if got > expected else ""
+        raise mismatch(got, f"{got} bytes{extra}")
+    if gz and header_size + expected > _DEFLATE_MAX_RATIO * file_size:
+        raise DataError(
+            f"the data is truncated: {declared}, but a gzip file of {file_size} bytes "
+            f"decompresses to at most {_DEFLATE_MAX_RATIO * file_size} bytes (deflate "
+            f"expands at most {_DEFLATE_MAX_RATIO}-fold). The file is incomplete or "
+            f"corrupt; fetch it again.",
+            path,
+        )
+    if expected > max_bytes:
+        raise DataError(_too_big(declared, expected, max_bytes), path)
+    body = _read_upto(f, expected + 1)  # only gzip data can differ from the header here
+    got = len(body)
+    if got < expected:
+        raise mismatch(got, f"{got} bytes")
+    if got > expected:
+        got += _skip_upto(f, max_bytes + 1 - got)  # count the excess, up to the limit
+        if got > max_bytes:
+            raise mismatch(got, f"more than max_bytes={max_bytes} bytes (decompression "
+                                f"stopped there)")
+        raise mismatch(got, f"{got} bytes ({got - expected} extra)")
+    data = np.frombuffer(body, dtype=dtype).reshape(shape)
     return data.astype(dtype.newbyteorder("="))
 
 
@@ -523,7 +618,12 @@ def _mnist_file(directory: pathlib.Path, kind: str, part: str, idx: int) -> path
 
 
 def read_mnist(
-    directory: PathLike, kind: str = "train", *, dtype=np.float32, n_classes: int = 10
+    directory: PathLike,
+    kind: str = "train",
+    *,
+    dtype=np.float32,
+    n_classes: int = 10,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Reads one part of an MNIST-format directory: ``kind`` is "train" or "t10k".
 
@@ -535,6 +635,8 @@ def read_mnist(
       [0, 1]), rows and cols as the file's header says (28, 28 for MNIST); and labels
       (N,) int32 in [0, n_classes).
 
+    ``max_bytes`` (default 4 GiB) bounds the data of each file, as in :func:`read_idx`.
+
     Raises:
       DataFileNotFoundError: no such directory, or a file is missing (the message lists
         the names tried and the directory's contents).
@@ -545,6 +647,7 @@ def read_mnist(
     if kind not in ("train", "t10k"):
         raise ValueError(f"read_mnist: kind must be 'train' or 't10k', got {kind!r}.")
     dtype = _float_dtype(dtype, "read_mnist")
+    max_bytes = _check_max_bytes(max_bytes)
     directory = pathlib.Path(directory)
     if not directory.exists():
         raise _missing(directory, "directory (expected one holding MNIST-format files)")
@@ -554,8 +657,8 @@ def read_mnist(
         )
     images_path = _mnist_file(directory, kind, "images", 3)
     labels_path = _mnist_file(directory, kind, "labels", 1)
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
+    images = read_idx(images_path, max_bytes=max_bytes)
+    labels = read_idx(labels_path, max_bytes=max_bytes)
     if images.dtype != np.uint8 or images.ndim != 3:
         raise DataError(
             f"MNIST images must be uint8 pixels of shape (N, rows, cols), got "
@@ -586,7 +689,12 @@ def read_mnist(
 
 
 def load_mnist(
-    directory: PathLike, *, dtype=np.float32, n_classes: int = 10, name: str = "mnist"
+    directory: PathLike,
+    *,
+    dtype=np.float32,
+    n_classes: int = 10,
+    name: str = "mnist",
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Dataset:
     """Loads an MNIST-format directory (MNIST, Fashion-MNIST, KMNIST, ...) from disk.
 
@@ -594,10 +702,12 @@ def load_mnist(
     ``t10k-*`` files (see :func:`read_mnist` for names, shapes and errors). Returns a
     :class:`Dataset` with task "classification": x (N, rows, cols) of ``dtype`` in
     [0, 1] (not standardised; ``fnet.flatten`` turns it into (N, rows*cols)), labels
-    (N,) int32. Nothing is downloaded.
+    (N,) int32. Nothing is downloaded. ``max_bytes`` (default 4 GiB) bounds the data
+    of each of the four files (see :func:`read_idx`); raise it for larger sets.
     """
-    x_train, y_train = read_mnist(directory, "train", dtype=dtype, n_classes=n_classes)
-    x_test, y_test = read_mnist(directory, "t10k", dtype=dtype, n_classes=n_classes)
+    kwargs = dict(dtype=dtype, n_classes=n_classes, max_bytes=max_bytes)
+    x_train, y_train = read_mnist(directory, "train", **kwargs)
+    x_test, y_test = read_mnist(directory, "t10k", **kwargs)
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(
             f"the train images are {x_train.shape[1:]} but the t10k images are "
@@ -614,54 +724,126 @@ def load_mnist(
 SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def _read_npz(path: pathlib.Path, wanted) -> dict:
-    """Reads the arrays ``wanted(keys_present)`` names; every failure names the file."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise _missing(path, ".npz file") from None
-    except IsADirectoryError:
-        raise DataError("is a directory, expected an .npz file.", path) from None
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+#: What zipfile, zlib and numpy's .npy parser raise for a damaged archive or array.
+_CORRUPT = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError,
+    OverflowError, struct.error, NotImplementedError, RuntimeError,
+)
+
+
+def _kind(e: Exception) -> str:
+    """``zlib.error``, ``zipfile.BadZipFile``, ``EOFError``: the exception's type, named
+    so that the message says where it came from."""
+    module = type(e).__module__
+    return type(e).__name__ if module == "builtins" else f"{module}.{type(e).__name__}"
+
+
+def _npy_header(f) -> Tuple[Tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the .npy header at ``f``'s position, reading
+    no data; a ValueError if the header is bad."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        # 3.0 differs from 2.0 only in the header text's encoding (utf-8, for field
+        # names), which leaves the shape and the item size alone.
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"unknown .npy format version {version}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"the .npy header declares a negative dimension, shape {shape}")
+    return shape, fortran, dtype
+
+
+def _read_npz(path: pathlib.Path, wanted, max_bytes: int) -> dict:
+    """Reads the arrays ``wanted(keys_present)`` names; every failure names the file.
+
+    Each array's .npy header is read first, and the array is refused before any of its
+    data is read (so before anything is allocated or decompressed) when its dtype holds
+    Python objects, when the size it declares differs from what its zip entry holds, or
+    when that size exceeds ``max_bytes``."""
+    with _open(path, ".npz file") as f:
+        if f.read(6) == b"\x93NUMPY":
+            f.seek(0)
+            try:
+                shape, _, dtype = _npy_header(f)
+                what = f"a single array {tuple(shape)} {dtype}"
+            except _CORRUPT:
+                what = "a single array"
+            raise DataError(
+                f"is a .npy file holding {what}, not an .npz archive of named arrays. "
+                f"Save x and y together with np.savez(path, x=..., y=...).",
+                path,
+            )
+        f.seek(0)
+        try:
+            archive = zipfile.ZipFile(f)
+        except _CORRUPT as e:
+            raise DataError(
+                f"cannot be read as an .npz archive ({_kind(e)}: {e}). The file is "
+                f"truncated, corrupt or not an .npz file; re-create it with np.savez(path, "
+                f"x=..., y=...).",
+                path,
+            ) from None
+        with archive:
+            # np.savez stores array NAME as the entry NAME.npy; np.load's keys drop ".npy".
+            members = {n[:-4] if n.endswith(".npy") else n: n for n in archive.namelist()}
+            keys = wanted(list(members))
+            return {k: _read_npz_array(archive, members[k], k, path, max_bytes) for k in keys}
+
+
+def _read_npz_array(archive: zipfile.ZipFile, member: str, key: str, path, max_bytes: int):
+    if not member.endswith(".npy"):
         raise DataError(
-            f"cannot be read as an .npz archive ({type(e).__name__}: {e}). The file is "
-            f"truncated, corrupt or not an .npz file; re-create it with np.savez(path, "
-            f"x=..., y=...).",
-            path,
-        ) from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(
-            f"is a .npy file holding a single array {_describe(archive)}, not an .npz "
-            f"archive of named arrays. Save x and y together with np.savez(path, x=..., "
-            f"y=...).",
+            f"entry {member!r} is not a .npy array (np.savez stores array NAME as "
+            f"NAME.npy). Re-create the file with np.savez.",
             path,
         )
-    with archive:
-        keys = wanted(list(archive.files))
-        out = {}
-        for key in keys:
-            try:
-                out[key] = archive[key]
-            except ValueError as e:
-                if "allow_pickle" not in str(e):
-                    raise DataError(
-                        f"array {key!r} cannot be read ({e}). The file is truncated or "
-                        f"corrupt; re-create it with np.savez.",
-                        path,
-                    ) from None
+    info = archive.getinfo(member)
+    try:
+        with archive.open(info) as f:
+            shape, fortran, dtype = _npy_header(f)
+            header_size = f.tell()
+            if dtype.hasobject:
                 raise DataError(
                     f"array {key!r} is an object array (pickled Python objects), which "
                     f"load_npz refuses to unpickle (allow_pickle=False, for safety). Save "
                     f"numeric arrays instead, e.g. np.asarray(values, dtype=np.float32).",
                     path,
-                ) from None
-            except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+                )
+            needed = math.prod(shape) * dtype.itemsize
+            declared = (
+                f"array {key!r} has shape {tuple(shape)} of {dtype}, which needs {needed} "
+                f"bytes"
+            )
+            held = info.file_size - header_size
+            if needed != held:
                 raise DataError(
-                    f"array {key!r} cannot be read ({type(e).__name__}: {e}). The file "
-                    f"is truncated or corrupt; re-create it with np.savez.",
+                    f"{declared}, but its zip entry {member!r} holds {held} bytes after the "
+                    f"{header_size}-byte .npy header. The file is corrupt; re-create it "
+                    f"with np.savez.",
                     path,
-                ) from None
-    return out
+                )
+            if needed > max_bytes:
+                raise DataError(_too_big(declared, needed, max_bytes), path)
+            # In chunks: even a zip directory that lies about the entry's size cannot make
+            # this allocate more than the entry really holds.
+            body = _read_upto(f, needed)
+    except DataError:
+        raise
+    except _CORRUPT as e:
+        raise DataError(
+            f"array {key!r} cannot be read ({_kind(e)}: {e}). The file is "
+            f"truncated or corrupt; re-create it with np.savez.",
+            path,
+        ) from None
+    if len(body) < needed:
+        raise DataError(
+            f"{declared}, but its zip entry {member!r} ends after {len(body)} of them. The "
+            f"file is truncated or corrupt; re-create it with np.savez.",
+            path,
+        )
+    return np.ndarray(shape, dtype, buffer=body, order="F" if fortran else "C")
 
 
 def _npz_labels(y: np.ndarray, key: str, path, task: str) -> np.ndarray:
@@ -701,6 +883,7 @@ def load_npz(
     n_classes: Optional[int] = None,
     standardize_x: bool = False,
     name: Optional[str] = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Dataset:
     """Loads arrays saved with ``np.savez`` / ``np.savez_compressed`` at a local path.
 
@@ -712,7 +895,10 @@ def load_npz(
       ``np.random.default_rng(seed)`` and split, round(test_fraction * N) examples (at
       least 1, at most N - 1) going to the test part. Not stratified.
 
-    The file is opened with ``allow_pickle=False``: object arrays are refused.
+    Object arrays are refused (nothing is unpickled). Each array's .npy header is read
+    before its data: an array whose declared size (shape times item size) differs from
+    what its zip entry holds, or exceeds ``max_bytes``, is refused before anything is
+    allocated or decompressed.
 
     Args:
       path: the .npz file.
@@ -728,6 +914,8 @@ def load_npz(
       standardize_x: standardise x with the training part's statistics
         (:func:`standardize`); default False (x as stored, e.g. image pixels).
       name: the Dataset's name; default the file name without its extension.
+      max_bytes: the most bytes of data any one array may hold; default 4 GiB. Raise
+        it for larger files.
 
     Returns:
       a :class:`Dataset`. Labels ("classification", "binary") are int32 (N,);
@@ -738,7 +926,10 @@ def load_npz(
       DataFileNotFoundError: no such file.
       DataError: not a readable .npz (truncated, corrupt, a .npy, ...); keys missing (the
         message lists the keys present); lengths of x and y that differ; train and test
-        inputs of different shapes; labels that are not integers in range.
+        inputs of different shapes; labels that are not integers in range; an object
+        array; an array larger than ``max_bytes``, or of another size than its header
+        declares.
+      ArgumentError: ``max_bytes`` is not a positive int.
     """
     path = pathlib.Path(path)
     where = f"load_npz({str(path)!r})"
@@ -746,6 +937,7 @@ def load_npz(
         raise ValueError(f"{where}: task must be one of {TASKS} or None, got {task!r}.")
     if dtype is not None:
         dtype = _float_dtype(dtype, where)
+    max_bytes = _check_max_bytes(max_bytes)
 
     split = {}
 
@@ -772,7 +964,7 @@ def load_npz(
         split["given"] = False
         return [x_key, y_key]
 
-    arrays = _read_npz(path, wanted)
+    arrays = _read_npz(path, wanted, max_bytes)
 
     def check_pair(xk, yk):
         x, y = arrays[xk], arrays[yk]

@@ -93,6 +93,6 @@ def test_fit_without_tqdm_and_progress_false_runs(monkeypatch):
         result = fnet.fit(net, loss, optax.sgd(0.1), params, x, y, key=jax.random.key(0),
                           batch_size=32, progress=progress)
         assert result.history.step_loss.shape == (2,)
-    with pytest.raises(fnet.LayerError, match="pip install tqdm"):
+    with pytest.raises(fnet.ArgumentError, match="^progress: .*pip install tqdm"):
         fnet.fit(net, loss, optax.sgd(0.1), params, x, y, key=jax.random.key(0),
                  batch_size=32, progress=True)

@@ -1,6 +1,8 @@
-"""funcnet.checkpoint: exact round trips, clear errors for damaged or mismatched files, and
-atomic saves (an interrupted save, even a SIGKILLed process, leaves the old file intact)."""
+"""funcnet.checkpoint: exact round trips, clear errors for damaged, forged or mismatched
+files, and atomic saves (an interrupted or failed save, even a SIGKILLed process or a full
+disk, leaves the old file intact; leftovers of killed saves are removed by the next one)."""
 
+import errno
 import functools
 import json
 import os
@@ -20,7 +22,7 @@ import optax
 import pytest
 
 import funcnet as fnet
-from funcnet import checkpoint
+from funcnet import atomic, checkpoint
 from funcnet.checkpoint import CheckpointError
 
 ADAM = optax.adam(1e-2)
@@ -200,8 +202,13 @@ def test_save_rejects_unsupported_values(tmp_path):
         checkpoint.save(path, {"w": jnp.ones(2), "name": "run-1"})
     with pytest.raises(CheckpointError, match="JSON-serialisable"):
         checkpoint.save(path, {"w": jnp.ones(2)}, metadata={"w": jnp.ones(2)})
-    with pytest.raises(CheckpointError, match="step must be an integer"):
+    with pytest.raises(CheckpointError, match="step must be a non-negative integer"):
         checkpoint.save(path, {"w": jnp.ones(2)}, step=1.5)
+    with pytest.raises(CheckpointError, match="step must be a non-negative integer"):
+        checkpoint.save(path, {"w": jnp.ones(2)}, step=-1)
+    if np.dtype(np.longdouble).itemsize > 8:  # numpy's float128 (or 96), which jax lacks
+        with pytest.raises(CheckpointError, match=r"leaf \['x'\] has dtype float(96|128)"):
+            checkpoint.save(path, {"x": np.ones(2, np.longdouble)})
     with pytest.raises(CheckpointError, match="does not exist; create it"):
         checkpoint.save(tmp_path / "missing" / "c.npz", {"w": jnp.ones(2)})
     with pytest.raises(CheckpointError, match="inside jax.jit"):
@@ -385,6 +392,134 @@ def test_checksum_covers_leaves_and_header(saved, state):
     expect_error(saved, state, "corrupt", "'structure' is missing or malformed")
 
 
+# ------------------------------------------------- forged files (with a valid checksum)
+
+
+FORGED = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),  # leaf 0
+          "b": np.ones(4, jnp.bfloat16),                      # leaf 1
+          "f": 1.5,                                           # leaf 2
+          "k": jax.random.key(1),                             # leaf 3
+          "n": 3}                                             # leaf 4
+
+
+def forge(path, change):
+    """Rewrite a checkpoint as a forger would: ``change(header, entries)`` edits the
+    header and the leaf arrays, then the checksum is recomputed with the module's own
+    function, so that only the consistency checks of load can reject the file."""
+    with np.load(path, allow_pickle=False) as archive:
+        entries = {name: archive[name] for name in archive.files}
+    header = json.loads(entries.pop("header").tobytes())
+    change(header, entries)
+    stored = [entries[f"leaf_{i}"] for i in range(len(header["leaves"]))]
+    header["checksum"] = checkpoint._checksum(header, stored)
+    entries["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **entries)
+
+
+def leaf(i, convert=None, **fields):
+    """A forgery of leaf i: its record's ``fields`` set and, with ``convert``, its stored
+    array replaced by ``convert(array)`` and recorded as stored_dtype and stored_shape
+    (so that the archive agrees with the header)."""
+    def change(header, entries):
+        record = header["leaves"][i]
+        record.update(fields)
+        if convert is not None:
+            array = entries[f"leaf_{i}"] = np.asarray(convert(entries[f"leaf_{i}"]))
+            record.update(stored_dtype=array.dtype.name, stored_shape=list(array.shape))
+    return change
+
+
+def header_field(**fields):
+    return lambda header, entries: header.update(fields)
+
+
+def duplicate_path(header, entries):
+    header["leaves"][1]["path"] = header["leaves"][0]["path"]
+
+
+def extra_entry(header, entries):
+    entries["leaf_5"] = np.ones(2)
+
+
+FORGERIES = {
+    # Array dtypes that are no dtype of jax arrays.
+    "dtype-unknown": (leaf(0, dtype="float99"), "the dtype 'float99', which is not a dtype"),
+    "dtype-object": (leaf(0, dtype="object"), "the dtype 'object', which is not a dtype"),
+    "dtype-structured": (leaf(0, dtype="[('x', '<f4')]"), "which is not a dtype of jax"),
+    "dtype-float128": (leaf(0, lambda a: a.astype(np.longdouble), dtype="float128"),
+                       "the dtype 'float128', which is not a dtype of jax arrays"),
+    # Stored dtype or shape that do not follow from dtype and shape.
+    "stored-narrower": (leaf(0, lambda a: a.view(np.uint16)),
+                        "stores a float32 array of shape (2, 3) as uint16 of shape (2, 6), "
+                        "where save stores it as float32 of shape (2, 3)"),
+    "stored-odd-bytes": (leaf(0, lambda a: a.view(np.uint8)[:, :5]),
+                         "as uint8 of shape (2, 5), where save stores it as float32"),
+    "stored-other-kind": (leaf(0, lambda a: a.view(np.int32)), "as int32 of shape (2, 3)"),
+    "stored-reshaped": (leaf(0, lambda a: a.reshape(3, 2)), "as float32 of shape (3, 2)"),
+    "shape-not-stored-shape": (leaf(0, shape=[3, 2]),
+                               "stores a float32 array of shape (3, 2) as float32 of shape "
+                               "(2, 3)"),
+    "bfloat16-wider": (leaf(1, lambda a: a.view(np.uint32)),
+                       "bfloat16 array of shape (4,) as uint32 of shape (2,)"),
+    "bfloat16-as-float16": (leaf(1, lambda a: a.view(np.float16)),
+                            "as float16 of shape (4,), where save stores it as uint16"),
+    "huge-shape": (leaf(0, shape=[2**62, 2**62], stored_shape=[2**62, 2**62]),
+                   "larger than any array can be"),
+    # PRNG keys.
+    "key-unknown-impl": (leaf(3, impl="nope"), "'nope', which jax does not know"),
+    "key-other-impl": (leaf(3, impl="rbg"), "the dtype 'key<fry>', not 'key<rbg>'"),
+    "key-data-for-other-impl": (leaf(3, impl="rbg", dtype="key<rbg>"),
+                                "as uint32 of shape (2,), where save stores it as uint32 "
+                                "of shape (4,)"),
+    "key-data-trailing-shape": (leaf(3, lambda a: np.concatenate([a, a])),
+                                "key<fry> PRNG key array of shape () as uint32 of shape (4,)"),
+    "key-data-0d": (leaf(3, lambda a: a[0]), "as uint32 of shape ()"),
+    "key-data-dtype": (leaf(3, lambda a: a.astype(np.float32)), "as float32 of shape (2,)"),
+    # Python numbers.
+    "python-not-0d": (leaf(4, lambda a: np.array([1, 2])), "stores a Python int as int64 "
+                                                           "of shape (2,)"),
+    "python-float-for-int": (leaf(4, lambda a: np.array(1.5)), "Python int as float64"),
+    "python-bool-for-int": (leaf(4, lambda a: np.array(True)), "Python int as bool"),
+    "python-string": (leaf(2, lambda a: np.array("ab")), "stores a Python float as str"),
+    "python-dtype": (leaf(4, dtype="float"), "gives a Python int the dtype 'float'"),
+    "python-shape": (leaf(4, shape=[1]), "gives a Python int the dtype 'int' and shape (1,)"),
+    # Header fields and the archive.
+    "negative-step": (header_field(step=-5), "field 'step' is missing or malformed (-5)"),
+    "bool-step": (header_field(step=True), "field 'step' is missing or malformed (True)"),
+    "metadata-list": (header_field(metadata=[1]), "field 'metadata' is missing or malformed"),
+    "structure-int": (header_field(structure=3), "field 'structure' is missing or malformed"),
+    "duplicate-paths": (duplicate_path, "leaves name the key path ['a'] twice"),
+    "unknown-kind": (leaf(0, kind="weird"), "record of leaf 0 is malformed"),
+    "extra-entry": (extra_entry, "entries that its header does not list (leaf_5)"),
+}
+
+
+@pytest.mark.parametrize("forgery", FORGERIES.values(), ids=FORGERIES.keys())
+def test_forged_file_with_valid_checksum(tmp_path, forgery):
+    """An inconsistent file whose checksum is right (recomputed by the forger) is
+    refused as corrupt by the validation of load, never with numpy's or jax's own error
+    and never with a changed shape or value; the template is the tree that was saved."""
+    change, fragment = forgery
+    path = checkpoint.save(tmp_path / "c.npz", FORGED, step=1)
+    forge(path, change)
+    for like in (FORGED, jax.eval_shape(lambda: FORGED)):
+        expect_error(path, like, "is corrupt: ", fragment)
+    if change is not extra_entry:  # info reads the header only, but checks all of it
+        with pytest.raises(CheckpointError, match=re.escape(fragment)):
+            checkpoint.info(path)
+
+
+def test_forge_helper_keeps_a_consistent_file_loadable(tmp_path):
+    """The forgery helper itself breaks nothing: a rewrite that changes a field to
+    another valid value (so with the checksum recomputed) loads."""
+    path = checkpoint.save(tmp_path / "c.npz", FORGED, step=1)
+    forge(path, header_field(step=7, metadata={"forged": True}))
+    restored = checkpoint.load(path, FORGED)
+    assert restored.step == 7 and restored.metadata == {"forged": True}
+    assert_identical(restored.tree, FORGED)
+
+
 # ---------------------------------------------------------------------- crash safety
 
 
@@ -399,8 +534,23 @@ def _fail_mid_write(exception):
     return write
 
 
-@pytest.mark.parametrize("where", ["write", "fsync", "replace", "ctrl-c"])
-def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch, where):
+def _os_error(code):
+    return OSError(code, os.strerror(code))
+
+
+@pytest.mark.parametrize("where, error, fix", [
+    ("write", _os_error(errno.ENOSPC), "Free space on that disk"),
+    ("write", _os_error(errno.EFBIG), "raise the limit or save to another file system"),
+    ("write", _os_error(errno.EIO), "Check the disk and the directory"),
+    ("fsync", _os_error(errno.ENOSPC), "Free space on that disk"),
+    ("replace", PermissionError(errno.EACCES, os.strerror(errno.EACCES)),
+     "Check the permissions of the directory"),
+    ("ctrl-c", KeyboardInterrupt(), None),
+], ids=["write-ENOSPC", "write-EFBIG", "write-EIO", "fsync-ENOSPC", "replace-EACCES", "ctrl-c"])
+def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch, where, error, fix):
+    """An OSError while saving is a CheckpointError naming the path, with the system's
+    reason and a fix; Ctrl-C stays a KeyboardInterrupt. Either way the previous file is
+    intact and the temporary file gone."""
     old = {"w": jnp.arange(4.0), "k": jax.random.key(1)}
     new = {"w": jnp.arange(4.0) + 1, "k": jax.random.key(2)}
     path = tmp_path / "c.npz"
@@ -408,23 +558,88 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch, where):
     good = path.read_bytes()
 
     def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+        raise error
 
-    if where == "write":
-        monkeypatch.setattr(checkpoint, "_write_archive", _fail_mid_write(OSError("disk full")))
-    elif where == "ctrl-c":
-        monkeypatch.setattr(checkpoint, "_write_archive", _fail_mid_write(KeyboardInterrupt()))
+    if where in ("write", "ctrl-c"):
+        monkeypatch.setattr(checkpoint, "_write_archive", _fail_mid_write(error))
     else:
         monkeypatch.setattr(os, where, fail)
-    with pytest.raises(KeyboardInterrupt if where == "ctrl-c" else OSError):
+    with pytest.raises(type(error) if where == "ctrl-c" else CheckpointError) as info:
         checkpoint.save(path, new, step=2)
     monkeypatch.undo()
+    if fix is not None:
+        message = str(info.value)
+        assert message.startswith(f"checkpoint {path}: could not be written: ")
+        assert os.strerror(error.errno) in message and fix in message
+        assert info.value.__cause__ is error
 
     assert os.listdir(tmp_path) == ["c.npz"]  # the temporary file was removed
     assert path.read_bytes() == good
     restored = checkpoint.load(path, new)
     assert restored.step == 1
     assert_identical(restored.tree, old)
+
+
+FILE_SIZE_LIMITED_SAVE = textwrap.dedent("""
+    import resource, signal, sys
+    import numpy as np
+    from funcnet import checkpoint
+
+    # Writing past the limit then fails with EFBIG instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+    try:
+        checkpoint.save(sys.argv[1], {"w": np.full(2**20, 2.0, np.float32)}, step=2)
+    except checkpoint.CheckpointError as e:
+        print(e)
+    else:
+        print("saved")
+""")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_file_size_limit_during_save(tmp_path):
+    """A real failing write: a save of 4 MiB under a 1 MiB file size limit (in a
+    subprocess, so the limit stays there) is a CheckpointError naming the path, the
+    system's reason and the fix; the previous checkpoint is intact, no temporary file is
+    left."""
+    path = tmp_path / "c.npz"
+    old = {"w": np.full(2**10, 1.0, np.float32)}
+    checkpoint.save(path, old, step=1)
+    good = path.read_bytes()
+    assert len(good) < 2**20
+
+    result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED_SAVE, str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    message = result.stdout
+    assert message.startswith(f"checkpoint {path}: could not be written: "), message
+    assert os.strerror(errno.EFBIG) in message and "ulimit -f" in message, message
+
+    assert os.listdir(tmp_path) == ["c.npz"]
+    assert path.read_bytes() == good
+    restored = checkpoint.load(path, old)
+    assert restored.step == 1 and np.array_equal(restored.tree["w"], old["w"])
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="POSIX permissions, which root bypasses")
+def test_save_into_read_only_directory(tmp_path):
+    path = tmp_path / "c.npz"
+    checkpoint.save(path, {"w": jnp.ones(2)}, step=1)
+    os.chmod(tmp_path, 0o500)
+    try:
+        with pytest.raises(CheckpointError) as info:
+            checkpoint.save(path, {"w": jnp.zeros(2)}, step=2)
+    finally:
+        os.chmod(tmp_path, 0o700)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path}: could not be written: ")
+    assert os.strerror(errno.EACCES) in message
+    assert f"Check the permissions of the directory {tmp_path}" in message
+    assert os.listdir(tmp_path) == ["c.npz"]
+    assert checkpoint.load(path, {"w": jnp.ones(2)}).step == 1
 
 
 KILLED_WRITER = textwrap.dedent("""
@@ -485,6 +700,76 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path):
     assert restored.step == 1 and np.array_equal(restored.tree["w"], old["w"])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         checkpoint.load(tmp_path / leftovers[0], {"w": np.zeros(2**20, np.float32)})
+
+
+def test_next_save_removes_leftovers_of_killed_saves_only(tmp_path):
+    """Temporary files of this target that no process is writing (as a killed save leaves
+    them) are removed by the next save; files of other targets and other names stay."""
+    path = tmp_path / "c.npz"
+    checkpoint.save(path, {"w": jnp.ones(2)}, step=1)
+    stale = [".c.npz.k2x9_q0a.tmp", ".c.npz.abc.tmp"]
+    kept = [".other.npz.k2x9_q0a.tmp",  # another target's
+            ".c.npz.x.k2x9_q0a.tmp",    # the target c.npz.x's, not c.npz's
+            "c.npz.k2x9_q0a.tmp", ".c.npz.bak", ".c.npz.K2X9.tmp", ".c.npz..tmp", "x.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"PK\x03\x04 partial")
+    (tmp_path / ".c.npz.subdir.tmp").mkdir()  # not a regular file
+    (tmp_path / ".c.npz.symlink.tmp").symlink_to(tmp_path / "x.tmp")
+    kept += [".c.npz.subdir.tmp", ".c.npz.symlink.tmp"]
+
+    checkpoint.save(path, {"w": jnp.zeros(2)}, step=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["c.npz"])
+    assert (tmp_path / "x.tmp").read_bytes() == b"PK\x03\x04 partial"
+    assert checkpoint.load(path, {"w": jnp.ones(2)}).step == 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_next_save_keeps_the_file_of_a_running_save(tmp_path):
+    """The temporary file of a save still running in another process is left alone by a
+    save to the same path; once that process is killed, the next save removes it."""
+    path = tmp_path / "c.npz"
+    like = {"w": np.zeros(2**20, np.float32)}
+    checkpoint.save(path, {"w": np.full(2**20, 1.0, np.float32)}, step=1)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()
+        assert line == "started\n", proc.stderr.read()
+        (running,) = [name for name in os.listdir(tmp_path) if name != "c.npz"]
+        size = os.path.getsize(tmp_path / running)
+        checkpoint.save(path, like, step=2)  # while the other save stalls mid-write
+        assert sorted(os.listdir(tmp_path)) == sorted(["c.npz", running])
+        assert os.path.getsize(tmp_path / running) == size
+        assert checkpoint.load(path, like).step == 2
+    finally:
+        proc.kill()
+        proc.wait()
+        watchdog.cancel()
+    checkpoint.save(path, like, step=3)
+    assert os.listdir(tmp_path) == ["c.npz"]
+    assert checkpoint.load(path, like).step == 3
+
+
+@pytest.mark.skipif(atomic.fcntl is None, reason="needs flock")
+def test_temporary_file_removed_before_it_is_locked(tmp_path, monkeypatch):
+    """A concurrent save's clean-up can remove a temporary file in the instant between its
+    creation and its lock; the writer notices and writes another."""
+    path = tmp_path / "c.npz"
+    real_flock, removed = atomic.fcntl.flock, []
+
+    def flock(fd, operation):
+        if operation == atomic.fcntl.LOCK_EX and not removed:  # the writer's, the first time
+            removed.extend(atomic.remove_stale_temporaries(path))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(atomic.fcntl, "flock", flock)
+    checkpoint.save(path, {"w": jnp.ones(2)}, step=1)
+    monkeypatch.undo()
+    assert len(removed) == 1 and removed[0].name.startswith(".c.npz.")
+    assert os.listdir(tmp_path) == ["c.npz"]
+    assert checkpoint.load(path, {"w": jnp.ones(2)}).step == 1
 
 
 SAVING_LOOP = textwrap.dedent("""

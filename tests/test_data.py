@@ -3,16 +3,37 @@
 Every file is written by the tests under tmp_path; nothing is downloaded.
 """
 
+import contextlib
+import functools
 import gzip
+import io
 import os
 import pickle
+import re
+import struct
 import sys
+import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
 
 from funcnet import data
+from funcnet._errors import ArgumentError
 from funcnet.data import DataError, DataFileNotFoundError
+
+
+@contextlib.contextmanager
+def _peak_memory():
+    """Yields a list that receives, on exit, the peak bytes allocated inside the block
+    (Python objects and numpy arrays: numpy reports its buffers to tracemalloc)."""
+    tracemalloc.start()
+    peak = []
+    try:
+        yield peak
+    finally:
+        peak.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
 
 # --------------------------------------------------------------------------------------
 # standardize
@@ -354,6 +375,86 @@ def test_read_idx_corrupt_and_truncated_gzip(tmp_path):
         data.read_idx(path)
 
 
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_read_idx_huge_declared_shape_is_refused_unallocated(tmp_path, gz):
+    # 2**40 bytes declared, 10 held: refused from the header and the file's size alone.
+    path = _write(tmp_path / "huge", _header(0x08, [2**20, 2**20]) + bytes(10), gz)
+    with _peak_memory() as peak, pytest.raises(DataError) as info:
+        data.read_idx(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: the data is truncated: the header declares shape "
+                              f"(1048576, 1048576) of uint8, which needs 1099511627776 bytes")
+    if gz:
+        size = path.stat().st_size
+        assert f"a gzip file of {size} bytes decompresses to at most {1032 * size} bytes" in message
+    else:
+        assert "but only 10 bytes follow the 12-byte header" in message
+    assert peak[0] < 2**20
+
+
+def test_read_idx_max_bytes_is_inclusive_and_checked_before_reading(tmp_path):
+    a = np.arange(10_000, dtype=np.int32)  # 40000 bytes of data
+    for name in ("a.idx", "a.idx.gz"):
+        path = data.write_idx(tmp_path / name, a)
+        np.testing.assert_array_equal(data.read_idx(path, max_bytes=40_000), a)
+        np.testing.assert_array_equal(data.read_idx(path, max_bytes=np.int64(40_000)), a)
+        with pytest.raises(DataError, match=re.escape(
+            f"{path}: the header declares shape (10000,) of int32, which needs 40000 bytes of "
+            f"data, more than max_bytes=39999 allows; refused before reading it. If the file "
+            f"is what you expect, pass max_bytes=40000 (or more)"
+        )):
+            data.read_idx(path, max_bytes=39_999)
+
+
+def test_read_idx_gzip_refused_from_its_header_before_decompressing(tmp_path):
+    # A header declaring 10**7 bytes, those bytes (zeros: about 10 KB compressed), then a
+    # damaged tail: decompressing the data would run into the tail and report it.
+    member = gzip.compress(_header(0x08, [10**7]) + bytes(10**7))
+    path = _write(tmp_path / "bomb.gz", member + b"not gzip")
+    assert path.stat().st_size < 50_000
+    with _peak_memory() as peak, pytest.raises(DataError) as info:
+        data.read_idx(path, max_bytes=10**6)
+    assert str(info.value).startswith(
+        f"{path}: the header declares shape (10000000,) of uint8, which needs 10000000 "
+        f"bytes of data, more than max_bytes=1000000 allows; refused before reading it."
+    )
+    assert peak[0] < 2**20
+    with pytest.raises(DataError, match="bomb.gz: starts like a gzip file but its "
+                                        "compressed data is corrupt"):
+        data.read_idx(path, max_bytes=10**7)  # the tail is there to be found
+
+
+def test_read_idx_gzip_bomb_stops_at_max_bytes(tmp_path):
+    # A header and data for 10 bytes, then 5 members of 10 MB of zeros each (50 MB from
+    # about 50 KB), then a damaged tail that only full decompression would reach.
+    zeros = gzip.compress(bytes(10**7))
+    payload = gzip.compress(_header(0x08, [10]) + bytes(10)) + zeros * 5 + b"not gzip"
+    path = _write(tmp_path / "bomb.gz", payload)
+    assert path.stat().st_size < 100_000
+    with _peak_memory() as peak, pytest.raises(DataError) as info:
+        data.read_idx(path, max_bytes=10**6)
+    assert str(info.value).startswith(
+        f"{path}: the data is oversized: the header declares shape (10,) of uint8, which "
+        f"needs 10 bytes of data, but more than max_bytes=1000000 bytes (decompression "
+        f"stopped there) follow the 8-byte header (after gzip decompression)."
+    )
+    assert peak[0] < 8 * 2**20  # chunks of 1 MiB, not the 50 MB
+    with pytest.raises(DataError, match="bomb.gz: starts like a gzip file but its "
+                                        "compressed data is corrupt"):
+        data.read_idx(path, max_bytes=10**8)  # with room, decompression reaches the tail
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "1", None], ids=repr)
+def test_max_bytes_must_be_a_positive_int(tmp_path, bad):
+    loaders = [data.read_idx, data.load_npz, data.load_mnist,
+               functools.partial(data.read_mnist, kind="t10k")]
+    for load in loaders:
+        # checked before the (missing) file is looked at
+        with pytest.raises(ArgumentError, match=r"^max_bytes: must be") as info:
+            load(tmp_path / "missing", max_bytes=bad)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
 def test_data_error_pickles():
     e = DataError("what is wrong", "/some/file")
     f = pickle.loads(pickle.dumps(e))
@@ -465,6 +566,22 @@ def test_load_mnist_truncated_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte: the data is truncated"):
         data.load_mnist(tmp_path)
+
+
+def test_load_mnist_max_bytes_bounds_each_file(tmp_path):
+    _fake_mnist(tmp_path, gz=True)  # the largest file: 20 train images, 15680 bytes
+    ds = data.load_mnist(tmp_path, max_bytes=20 * 28 * 28)
+    assert ds.x_train.shape == (20, 28, 28) and ds.x_test.shape == (7, 28, 28)
+    with pytest.raises(DataError, match=re.escape(
+        f"{tmp_path / 'train-images-idx3-ubyte.gz'}: the header declares shape (20, 28, 28) "
+        f"of uint8, which needs 15680 bytes of data, more than max_bytes=15679 allows"
+    )):
+        data.load_mnist(tmp_path, max_bytes=15679)
+    x, _ = data.read_mnist(tmp_path, "t10k", max_bytes=7 * 28 * 28)
+    assert x.shape == (7, 28, 28)
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: .* which needs 5488 "
+                                        r"bytes of data, more than max_bytes=5487 allows"):
+        data.read_mnist(tmp_path, "t10k", max_bytes=5487)
 
 
 # --------------------------------------------------------------------------------------
@@ -600,3 +717,150 @@ def test_load_npz_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="test_fraction"):
         np.savez(path, x=np.ones((5, 2)), y=np.ones(5))
         data.load_npz(path, test_fraction=1.5)
+
+
+def _npy(shape, descr, body, fortran_order=False):
+    """A .npy file's bytes: a version 1.0 header declaring shape and descr, then body."""
+    buf = io.BytesIO()
+    header = {"descr": descr, "fortran_order": fortran_order, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + body
+
+
+def _zip(path, entries, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+    return path
+
+
+def _patch_first_entry(path, offset, fmt, value):
+    """Overwrites a field of the first entry's record in the zip's central directory
+    (8: flags, 10: compression method, 16: CRC-32, 24: uncompressed size)."""
+    raw = bytearray(path.read_bytes())
+    struct.pack_into(fmt, raw, raw.index(b"PK\x01\x02") + offset, value)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=["stored", "deflated"])
+def test_load_npz_huge_declared_shape_is_refused_unallocated(tmp_path, compression):
+    header = _npy((2**40,), "<f8", b"")
+    y = _npy((2,), "<f8", bytes(16))
+    path = _zip(tmp_path / "huge.npz", {"x.npy": header + bytes(16), "y.npy": y}, compression)
+    with _peak_memory() as peak, pytest.raises(DataError) as info:
+        data.load_npz(path)
+    assert str(info.value) == (
+        f"{path}: array 'x' has shape (1099511627776,) of float64, which needs "
+        f"8796093022208 bytes, but its zip entry 'x.npy' holds 16 bytes after the "
+        f"{len(header)}-byte .npy header. The file is corrupt; re-create it with np.savez."
+    )
+    assert peak[0] < 2**20
+
+
+def test_load_npz_max_bytes_is_checked_before_decompressing(tmp_path):
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=np.zeros(10**7, np.uint8), y=np.zeros(10**7, np.uint8))
+    assert path.stat().st_size < 100_000
+    with _peak_memory() as peak, pytest.raises(DataError) as info:
+        data.load_npz(path, max_bytes=10**6)
+    assert str(info.value).startswith(
+        f"{path}: array 'x' has shape (10000000,) of uint8, which needs 10000000 bytes, "
+        f"more than max_bytes=1000000 allows; refused before reading it. If the file is "
+        f"what you expect, pass max_bytes=10000000 (or more)"
+    )
+    assert peak[0] < 2**20  # the array would take 10 MB
+
+    small = tmp_path / "small.npz"
+    np.savez_compressed(small, x=np.ones((100, 10)), y=np.arange(100) % 2)
+    assert data.load_npz(small, max_bytes=8000).x_train.shape == (80, 10)  # inclusive
+    with pytest.raises(DataError, match=r"small.npz: array 'x' has shape \(100, 10\) of "
+                                        r"float64, which needs 8000 bytes, more than "
+                                        r"max_bytes=7999 allows"):
+        data.load_npz(small, max_bytes=7999)
+
+
+def test_load_npz_lying_zip_directory_allocates_only_what_is_there(tmp_path):
+    # The directory says x.npy is 4 GiB - 1 KiB after its header, the header agrees, and
+    # the default max_bytes (4 GiB) lets that through; the entry holds 16 bytes.
+    n = 2**32 - 2**10
+    header = _npy((n,), "|u1", b"")
+    y = _npy((2,), "<f8", bytes(16))
+    path = _zip(tmp_path / "lie.npz", {"x.npy": header + bytes(16), "y.npy": y})
+    _patch_first_entry(path, 24, "<I", len(header) + n)
+    with _peak_memory() as peak, pytest.raises(DataError) as info:
+        data.load_npz(path)
+    assert str(info.value).startswith(
+        f"{path}: array 'x' has shape ({n},) of uint8, which needs {n} bytes, but its zip "
+        f"entry 'x.npy' ends after 16 of them. The file is truncated or corrupt"
+    )
+    assert peak[0] < 2**20
+
+
+def test_load_npz_zip_failures_name_the_file(tmp_path):
+    arrays = dict(x=np.arange(100.0), y=np.arange(100) % 2)
+    good = tmp_path / "good.npz"
+    np.savez(good, **arrays)
+    raw = good.read_bytes()
+
+    def damaged(name, offset, fmt, value):
+        path = tmp_path / name
+        path.write_bytes(raw)
+        return _patch_first_entry(path, offset, fmt, value)
+
+    crc = zipfile.ZipFile(good).getinfo("x.npy").CRC
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, **arrays)
+    bad_deflate = bytearray(compressed.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", bad_deflate, 26)  # x.npy's local header
+    bad_deflate[30 + name_len + extra_len] = 0x07  # a deflate block of the reserved type 3
+    (tmp_path / "deflate.npz").write_bytes(bytes(bad_deflate))
+    (tmp_path / "cut.npz").write_bytes(raw[:-30])  # the end of the central directory lost
+    _zip(tmp_path / "header.npz", {"x.npy": b"\x93NUMPY\x01\x00\xff\xff{'descr'", "y.npy": b""})
+    _zip(tmp_path / "negative.npz", {"x.npy": _npy((-5,), "<f8", b""), "y.npy": b""})
+    _zip(tmp_path / "raw.npz", {"x": b"not an array", "y.npy": _npy((0,), "<f8", b"")})
+    cases = [
+        (damaged("crc.npz", 16, "<I", crc ^ 1),
+         r"array 'x' cannot be read \(zipfile.BadZipFile: Bad CRC-32 for file 'x.npy'\)"),
+        (tmp_path / "deflate.npz",
+         r"array 'x' cannot be read \(zlib.error: Error -3 while decompressing data: "
+         r"invalid block type\)"),
+        (tmp_path / "cut.npz",
+         r"cannot be read as an .npz archive \(zipfile.BadZipFile: File is not a zip file\)"),
+        (damaged("encrypted.npz", 8, "<H", 1),
+         r"array 'x' cannot be read \(RuntimeError: .*is encrypted, password required"),
+        (damaged("method.npz", 10, "<H", 99),
+         r"array 'x' cannot be read \(NotImplementedError: That compression method is "
+         r"not supported\)"),
+        (tmp_path / "header.npz", r"array 'x' cannot be read \(ValueError: EOF"),
+        (tmp_path / "negative.npz",
+         r"array 'x' cannot be read \(ValueError: the .npy header declares a negative "
+         r"dimension, shape \(-5,\)\)"),
+        (tmp_path / "raw.npz", r"entry 'x' is not a .npy array"),
+    ]
+    for path, message in cases:
+        with pytest.raises(DataError, match=message) as info:
+            data.load_npz(path)
+        assert str(info.value).startswith(f"{path}: ")
+
+
+def test_damaged_files_raise_data_error_naming_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "good.npz"
+    np.savez_compressed(npz, x=np.arange(60.0).reshape(20, 3), y=np.arange(20) % 3)
+    idx = data.write_idx(tmp_path / "good.idx.gz", np.arange(60, dtype=np.int16).reshape(20, 3))
+    for good, load in ((npz, data.load_npz), (idx, data.read_idx)):
+        raw = good.read_bytes()
+        for i in range(200):
+            bad = bytearray(raw)
+            for at in rng.integers(len(raw), size=1 + i % 4):
+                bad[at] ^= int(rng.integers(1, 256))
+            if i % 5 == 0:
+                bad = bad[: rng.integers(len(raw))]
+            path = tmp_path / f"bad{i}{good.suffix}"
+            path.write_bytes(bytes(bad))
+            try:
+                load(path)  # a flip in padding or an unread field may do no harm
+            except DataError as e:  # anything else fails the test
+                assert str(e).startswith(f"{path}: ")

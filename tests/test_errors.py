@@ -222,7 +222,7 @@ def test_targets_width_differs_squared_error(setup):
 def test_integer_labels_out_of_range(key):
     net = fnet.chain(fnet.dense(3))
     params, _ = net.init(key, (2,))
-    message = str(_raises(fnet.LayerError,
+    message = str(_raises(fnet.ArgumentError,
                           fnet.value_and_grad(net, fnet.losses.softmax_cross_entropy),
                           params, jnp.ones((3, 2)), jnp.array([0, 1, 5])))
     _assert_mentions(message, "softmax_cross_entropy", "label 5 at example 2",
@@ -300,13 +300,13 @@ def test_pullback_cotangent_of_wrong_shape(setup):
 
 def test_jacobian_unknown_mode(setup):
     net, params, x, _ = setup
-    message = str(_raises(fnet.LayerError, fnet.jacobian, net, params, x[0], mode="sideways"))
+    message = str(_raises(fnet.ArgumentError, fnet.jacobian, net, params, x[0], mode="sideways"))
     _assert_mentions(message, "mode", "'sideways'", "'forward'", "'reverse'")
 
 
 def test_jacobian_unknown_wrt(setup):
     net, params, x, _ = setup
-    message = str(_raises(fnet.LayerError, fnet.jacobian, net, params, x[0], wrt="weights"))
+    message = str(_raises(fnet.ArgumentError, fnet.jacobian, net, params, x[0], wrt="weights"))
     _assert_mentions(message, "wrt", "'weights'", "'input'", "'params'")
 
 
@@ -320,17 +320,6 @@ def test_jacobian_optimal_mode_is_a_valid_choice(setup):
         for a, b in zip(jax.tree.leaves(optimal), jax.tree.leaves(reverse)):
             assert a.shape == b.shape
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
-
-
-@pytest.mark.parametrize("width", [0, -3])
-def test_dense_width_not_positive(width):
-    message = str(_raises(fnet.LayerError, fnet.dense, width))
-    _assert_mentions(message, "dense(out_features)", "positive integer", f"got {width}")
-
-
-def test_dense_width_not_an_integer():
-    message = str(_raises(fnet.LayerError, fnet.dense, 3.0))
-    _assert_mentions(message, "positive integer", "got 3.0")
 
 
 def test_x_without_batch_axis(setup):
@@ -360,10 +349,10 @@ def test_chain_given_a_non_layer():
     def g(z):
         return z
 
-    message = str(_raises(fnet.LayerError, fnet.chain, fnet.dense(3), g))
+    message = str(_raises(fnet.ArgumentError, fnet.chain, fnet.dense(3), g))
     _assert_mentions(message, "chain(...)", "argument 1", "function", "fnet.layer",
                      "fnet.Layer(init, apply, name)")
-    message = str(_raises(fnet.LayerError, fnet.chain, 3))
+    message = str(_raises(fnet.ArgumentError, fnet.chain, 3))
     _assert_mentions(message, "argument 0", "int")
 
 

@@ -82,7 +82,8 @@ def test_squared_error_hand_computed():
 @pytest.mark.parametrize("loss", [L.squared_error, L.logistic])
 def test_losses_are_batch_means(loss):
     """Repeating the batch leaves a mean unchanged (a sum would double)."""
-    out, y = jnp.asarray(_normal(0, (4, 3))), jnp.asarray(np_sigmoid(_normal(1, (4, 3))))
+    out = jnp.asarray(_normal(0, (4, 3)))
+    y = jnp.asarray((_normal(1, (4, 3)) > 0).astype(np.float64))
     single = float(loss(out, y))
     double = float(loss(jnp.concatenate([out, out]), jnp.concatenate([y, y])))
     assert double == pytest.approx(single, rel=1e-13)
@@ -102,10 +103,24 @@ def test_logistic_values_binary_targets(shape):
     np.testing.assert_allclose(float(value), np_logistic(out, y), rtol=RTOL)
 
 
-def test_logistic_values_probability_targets():
-    out, y = _normal(0, (6, 2)), np_sigmoid(_normal(1, (6, 2)))
-    value = L.logistic(jnp.asarray(out), jnp.asarray(y))
-    np.testing.assert_allclose(float(value), np_logistic(out, y), rtol=RTOL)
+def test_logistic_refuses_targets_other_than_zero_and_one():
+    out, y = _normal(0, (6, 2)), np.array(np_sigmoid(_normal(1, (6, 2))))
+    y[:2] = 1.0
+    y[2, 0] = 0.0
+    with pytest.raises(fnet.ArgumentError, match=r"y: logistic takes binary labels, 0 or 1, "
+                                                 r"but y\[2, 1\] is 0\.\d+"):
+        L.logistic(jnp.asarray(out), jnp.asarray(y))
+    with pytest.raises(fnet.ArgumentError, match=r"y\[1\] is 2"):
+        L.logistic(jnp.zeros((3,)), jnp.array([0, 2, 1]))
+
+
+def test_logistic_target_outside_zero_one_is_nan_under_jit():
+    out = jnp.zeros((3,))
+    assert np.isnan(float(jax.jit(L.logistic)(out, jnp.array([0.0, 0.5, 1.0]))))
+    grads = jax.jit(jax.grad(L.logistic))(out, jnp.array([0.0, -1.0, 1.0]))
+    assert np.isnan(np.asarray(grads)[1]) and np.isfinite(np.asarray(grads)[[0, 2]]).all()
+    assert float(jax.jit(L.logistic)(out, jnp.array([0.0, 1.0, 1.0]))) == pytest.approx(
+        math.log(2.0), rel=1e-15)
 
 
 def test_logistic_at_zero_logits_is_log2():
@@ -307,7 +322,7 @@ def test_user_loss_with_pytree_targets(key):
 def test_out_of_range_label_is_a_clear_error_when_concrete(bad, index):
     labels = [0, 1, 2]
     labels[index] = bad
-    with pytest.raises(fnet.LayerError) as info:
+    with pytest.raises(fnet.ArgumentError) as info:
         L.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.array(labels))
     message = str(info.value)
     assert f"label {bad} at example {index}" in message
@@ -319,7 +334,7 @@ def test_out_of_range_label_is_an_error_through_value_and_grad(key):
     net = fnet.chain(fnet.dense(3))
     params, _ = net.init(key, (2,))
     x = jnp.ones((2, 2))
-    with pytest.raises(fnet.LayerError, match=r"label 3 at example 1"):
+    with pytest.raises(fnet.ArgumentError, match=r"label 3 at example 1"):
         fnet.value_and_grad(net, L.softmax_cross_entropy)(params, x, jnp.array([0, 3]))
 
 
@@ -351,5 +366,48 @@ def test_out_of_range_label_is_an_error_in_per_example_grads(key):
     net = fnet.chain(fnet.dense(3))
     params, _ = net.init(key, (2,))
     x = jnp.ones((2, 2))
-    with pytest.raises(fnet.LayerError, match=r"out of range"):
+    with pytest.raises(fnet.ArgumentError, match=r"out of range"):
         fnet.per_example_grads(net, L.softmax_cross_entropy)(params, x, jnp.array([0, 7]))
+
+
+# --------------------------------------------------------------------------------------
+# class targets that are not labels or probabilities, and empty batches
+
+
+def test_float_class_labels_must_be_integers():
+    with pytest.raises(fnet.ArgumentError, match=r"y: softmax_cross_entropy: labels must be "
+                                                 r"integers, got float\d+ labels of shape "
+                                                 r"\(3,\).*astype\(jnp.int32\).*\(3, 4\)"):
+        L.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.array([0.0, 1.0, 2.0]))
+
+
+def test_probability_rows_must_be_non_negative():
+    y = np.full((3, 4), 0.25)
+    y[1] = [0.5, 0.6, -0.1, 0.0]
+    with pytest.raises(fnet.ArgumentError, match=r"non-negative, but y\[1, 2\] is -0\.1"):
+        L.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.asarray(y))
+
+
+def test_probability_rows_must_sum_to_one():
+    y = np.full((3, 4), 0.25)
+    y[2] = [1.0, 2.0, 0.0, 1.0]  # scores, not probabilities
+    with pytest.raises(fnet.ArgumentError, match=r"row 2 sums to 4 \(1 of 3 rows"):
+        L.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.asarray(y))
+    # rounding in float32 is not a mistake
+    rows = np.asarray(jax.nn.softmax(jnp.asarray(_normal(0, (50, 7)), jnp.float32)))
+    assert np.isfinite(float(L.softmax_cross_entropy(jnp.zeros((50, 7), jnp.float32), rows)))
+
+
+def test_probability_rows_are_checked_before_training(key):
+    net = fnet.chain(fnet.dense(3))
+    params, _ = net.init(key, (2,))
+    y = jnp.array([[0.5, 0.5, 0.5], [1.0, 0.0, 0.0]])
+    with pytest.raises(fnet.ArgumentError, match=r"row 0 sums to 1\.5"):
+        fnet.value_and_grad(net, L.softmax_cross_entropy)(params, jnp.ones((2, 2)), y)
+
+
+@pytest.mark.parametrize("loss", [L.squared_error, L.logistic, L.softmax_cross_entropy])
+def test_losses_refuse_an_empty_batch(loss):
+    y = jnp.zeros((0,), jnp.int32) if loss is L.softmax_cross_entropy else jnp.zeros((0, 3))
+    with pytest.raises(fnet.ArgumentError, match=r"0 examples"):
+        loss(jnp.zeros((0, 3)), y)

@@ -1,61 +1,125 @@
 """Checks at the public entry points: the input array, params and targets, on static shapes.
 
-Every check here reads only shapes and tree structures, which are static under
-``jax.jit``, so a jitted function pays for them once, at trace time.
+Every check here reads only shapes, dtypes and tree structures, which are static under
+``jax.jit``, so a jitted function pays for them once, at trace time; the value checks of
+a loss (label ranges) run only on concrete targets. All of them run before any FLOP.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
-from funcnet._errors import LayerError, shape_str
-from funcnet.nn._layer import Layer
+from funcnet._arguments import check_array, check_callable, check_float_leaves
+from funcnet._errors import ArgumentError, LayerError, shape_str
+from funcnet.nn._layer import Layer, abstract_init
 
 
 def check_layer(net) -> None:
     if not isinstance(net, Layer):
-        raise TypeError(
-            f"expected a funcnet Layer (for example fnet.chain(...)), got {net!r} of type "
-            f"{type(net).__name__}."
-        )
+        raise ArgumentError(
+            "net", f"expected a funcnet Layer (for example fnet.chain(...)), got {net!r} of "
+                   f"type {type(net).__name__}.")
+
+
+def check_loss(loss) -> None:
+    check_callable("loss", loss, "loss(outputs, targets) -> scalar (e.g. "
+                                 "fnet.losses.squared_error)")
 
 
 def check_batch(net: Layer, params, x, what: str = "x"):
-    """Checks a batched input ``x`` (B, *in_shape) and ``params``; returns out_shape."""
+    """Checks a batched input ``x`` (B, *in_shape), B >= 1, and floating-point ``params``;
+    returns out_shape."""
     check_layer(net)
+    check_array(what, x)
     if jnp.ndim(x) < 1:
         raise LayerError(
             f"{what} must carry a leading batch axis, got a scalar. Pass an array of shape "
             f"(batch, *in_shape)."
         )
+    if jnp.shape(x)[0] == 0:
+        raise ArgumentError(what, f"holds 0 examples (shape {shape_str(jnp.shape(x))}); pass "
+                                  f"at least one.")
+    check_float_leaves("params", params)
     return net.check(params, jnp.shape(x)[1:])
 
 
-def check_example(net: Layer, params, x, what: str = "x"):
-    """Checks a single example ``x`` (*in_shape, no batch axis); returns out_shape."""
-    check_layer(net)
-    return net.check(params, jnp.shape(x))
+def check_example(net: Layer, params, x, in_shape=None, what: str = "x"):
+    """Checks ONE example ``x`` (*in_shape, no batch axis); returns out_shape.
 
-
-def check_targets(out: jax.Array, y, loss=None) -> None:
-    """The targets' batch must be the outputs' batch (losses check the rest).
-
-    A loss may carry ``loss.check_targets(out, y)`` for checks that need the targets'
-    values (label ranges); it runs here while y is concrete, before anything is compiled.
+    A batch given by mistake is caught: when the params pin the input's size (they would
+    not fit a wider last axis) and also fit inputs of fewer axes (the trailing axes of x,
+    as x[0] of a batch), x is refused unless ``in_shape`` confirms its shape (a sequence
+    (T, D) through dense layers, say).
     """
+    check_layer(net)
+    check_array(what, x)
+    check_float_leaves("params", params)
+    shape = tuple(jnp.shape(x))
+    if in_shape is not None:
+        if tuple(in_shape) != shape:
+            raise ArgumentError("in_shape", f"is {shape_str(in_shape)} but x has shape "
+                                            f"{shape_str(shape)}; they must be equal.")
+    elif shape and _params_fit(net, params, shape) and not _params_fit(
+            net, params, shape[:-1] + (shape[-1] + 1,)):  # the params pin the input's size
+        for axes in range(len(shape)):
+            if _params_fit(net, params, shape[len(shape) - axes:]):
+                raise ArgumentError(
+                    what, f"has shape {shape_str(shape)}, but this takes ONE example, and the "
+                          f"params also fit examples of shape "
+                          f"{shape_str(shape[len(shape) - axes:])}: x looks like a batch. "
+                          f"Pass x[0], or jax.vmap over the batch; if x really is one "
+                          f"example, say so with in_shape={shape_str(shape)}.")
+    return net.check(params, shape)
+
+
+def _params_fit(net: Layer, params, in_shape) -> bool:
+    """True when ``net.init`` for ``in_shape`` builds params of the given params' layout."""
+    try:
+        expected, _ = abstract_init(net, in_shape)
+    except LayerError:
+        return False
+    expected_leaves, expected_tree = jax.tree.flatten(expected)
+    leaves, tree = jax.tree.flatten(params)
+    return tree == expected_tree and all(
+        tuple(jnp.shape(a)) == tuple(b.shape) for a, b in zip(leaves, expected_leaves))
+
+
+def check_targets(out: jax.ShapeDtypeStruct, y, loss) -> None:
+    """Checks the targets against the outputs' shape, before the forward pass.
+
+    y must not be a Python list or hold Python numbers; its batch must be the outputs'
+    (for every leaf with axes); ``loss(out, y)`` is traced abstractly (no FLOPs), so the
+    loss's own shape checks run now, and it must return a scalar. A loss may carry
+    ``loss.check_targets(out, y)`` for checks that need the targets' values (label
+    ranges); it runs here while y is concrete, before anything is compiled.
+    """
+    if isinstance(y, list) or any(isinstance(leaf, numbers.Number)
+                                  for leaf in jax.tree.leaves(y)):
+        raise ArgumentError("y", f"holds Python lists or numbers ({type(y).__name__}); pass "
+                                 f"arrays: jnp.asarray(y).")
+    for leaf in jax.tree.leaves(y):
+        if jnp.ndim(leaf) and jnp.shape(leaf)[0] != out.shape[0]:
+            raise LayerError(
+                f"targets y have batch size {jnp.shape(leaf)[0]} (shape "
+                f"{shape_str(jnp.shape(leaf))}) but the network's outputs have batch size "
+                f"{out.shape[0]} (shape {shape_str(out.shape)}). Pass one target per input "
+                f"example."
+            )
+    check_scalar_loss(jax.eval_shape(loss, out, y), loss)
     value_check = getattr(loss, "check_targets", None)
     if value_check is not None and not any(
             isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(y)):
         value_check(out, y)
-    if not hasattr(y, "shape") or jnp.ndim(y) == 0:
-        return
-    if jnp.shape(y)[0] != jnp.shape(out)[0]:
-        raise LayerError(
-            f"targets y have batch size {jnp.shape(y)[0]} (shape {shape_str(jnp.shape(y))}) "
-            f"but the network's outputs have batch size {jnp.shape(out)[0]} (shape "
-            f"{shape_str(jnp.shape(out))}). Pass one target per input example."
-        )
+
+
+def output_struct(params, x, out_shape) -> jax.ShapeDtypeStruct:
+    """The outputs' shape (B, *out_shape) and a dtype for them (that of params and x)."""
+    dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
+    dtype = jnp.result_type(*dtypes, x) if dtypes else jnp.result_type(x, float)
+    return jax.ShapeDtypeStruct((jnp.shape(x)[0],) + tuple(out_shape), dtype)
 
 
 def check_scalar_loss(value, loss) -> None:

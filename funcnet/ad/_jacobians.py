@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from funcnet._errors import LayerError
+from funcnet._arguments import check_shape
+from funcnet._errors import ArgumentError
 from funcnet.ad._accumulation import JacobianPlan, optimal_input_jacobian, plan
 from funcnet.ad._forward import layer_jvp
 from funcnet.ad._inputs import check_example
@@ -78,12 +79,13 @@ def _forward_jacobian(layer, params, z, wrt_params: bool):
 
 def _check_choice(wrt: str, mode: str) -> None:
     if wrt not in WRT:
-        raise LayerError(f"wrt must be one of {WRT}, got {wrt!r}.")
+        raise ArgumentError("wrt", f"must be one of {WRT}, got {wrt!r}.")
     if mode not in MODES:
-        raise LayerError(f"mode must be one of {MODES}, got {mode!r}.")
+        raise ArgumentError("mode", f"must be one of {MODES}, got {mode!r}.")
 
 
-def jacobian(net: Layer, params, x, wrt: str = "input", mode: str = "reverse"):
+def jacobian(net: Layer, params, x, wrt: str = "input", mode: str = "reverse", *,
+             in_shape=None):
     """The Jacobian of the network's output for ONE example ``x`` (no batch axis).
 
     Args:
@@ -93,11 +95,14 @@ def jacobian(net: Layer, params, x, wrt: str = "input", mode: str = "reverse"):
       mode: ``"forward"`` (jvp per input coordinate), ``"reverse"`` (vjp per output
         coordinate), or ``"optimal"``: the cheapest accumulation order for this chain's
         shapes (see :func:`funcnet.jacobian_plan`); same values, different cost.
+      in_shape: optional, x's shape, to confirm that x is one example where the params
+        also fit fewer axes (a sequence (T, D) through dense layers); without it such an
+        x is refused as a likely batch.
 
     For a batch, ``jax.vmap(lambda xi: fnet.jacobian(net, params, xi))(xs)``.
     """
     _check_choice(wrt, mode)
-    check_example(net, params, x)
+    check_example(net, params, x, in_shape)
     if mode == "optimal":
         if wrt == "input":
             return optimal_input_jacobian(net, params, x, _forward_jacobian, _reverse_jacobian)
@@ -111,19 +116,19 @@ def jacobian_plan(net: Layer, in_shape, wrt: str = "input") -> JacobianPlan:
     segments, the mode of each, the multiplication order and the predicted FLOPs (beside
     those of plain forward and reverse mode). ``print`` it for a summary."""
     _check_choice(wrt, "optimal")
-    return plan(net, tuple(int(d) for d in in_shape), wrt)
+    return plan(net, check_shape("in_shape", in_shape), wrt)
 
 
-def layer_jacobians(net: Layer, params, x):
+def layer_jacobians(net: Layer, params, x, *, in_shape=None):
     """Each top-level layer's (A_i, B_i) at ONE example ``x`` (no batch axis).
 
     A_i = d g_i / d w_i (a pytree like the layer's params, leaves of shape
     out_shape_i + leaf shape; ``()`` for a parameterless layer) and B_i = d g_i / d z_i
     (shape out_shape_i + in_shape_i), evaluated at the activations z_i of the forward pass.
     Each block is built in the cheaper mode for its shape (forward when its input is the
-    smaller side). Returns a tuple of L pairs.
+    smaller side). Returns a tuple of L pairs. ``in_shape``: as for :func:`jacobian`.
     """
-    check_example(net, params, x)
+    check_example(net, params, x, in_shape)
     layers, layer_params = top_level(net, params)
     z, pairs = x, []
     for layer, w in zip(layers, layer_params):

@@ -22,7 +22,7 @@ from jax.tree_util import Partial
 
 from funcnet._errors import LayerError, shape_str
 from funcnet.ad import _compiled
-from funcnet.ad._inputs import check_batch, check_targets
+from funcnet.ad._inputs import check_batch, check_loss, check_targets, output_struct
 from funcnet.ad._walk import Walk, record, record_layers, walk_down, walk_layers
 from funcnet.ad.extensions._base import Extension
 from funcnet.nn._chain import Chain, top_level
@@ -131,7 +131,9 @@ def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "
     if isinstance(extensions, Extension):  # one extension, not in a tuple
         extensions = (extensions,)
     walk = Walk(remat, tuple(extensions))
-    check_batch(net, params, x)
+    check_loss(loss)
+    out_shape = check_batch(net, params, x)
+    check_targets(output_struct(params, x, out_shape), y, loss)
     layers, layer_params = top_level(net, params)
     out, activations, nodes = record_layers(layers, layer_params, x, walk)
     value, q = loss_and_seed(loss, out, y)
@@ -145,8 +147,8 @@ def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "
 
 
 def loss_and_seed(loss: Loss, out, y):
-    """The loss value l_y(z_{L+1}) and the seed of the backward pass q_{L+1} = grad l_y."""
-    check_targets(out, y, loss)
+    """The loss value l_y(z_{L+1}) and the seed of the backward pass q_{L+1} = grad l_y
+    (targets checked by the caller)."""
     if _compiled.is_concrete(out, y):
         try:
             return _compiled.compiled_loss_seed(loss)(out, y)
@@ -180,7 +182,8 @@ def value_and_grad(net: Layer, loss: Loss, remat: str = "keep"):
       >>> grads[0]["w"].shape
       (3, 8)
     """
-    Walk(remat)  # checks the policy now, before anything runs
+    Walk(remat)  # checks the policy and the loss now, before anything runs
+    check_loss(loss)
 
     def value_and_grad_fn(params, x, y):
         record_ = backprop(net, loss, params, x, y, remat=remat)

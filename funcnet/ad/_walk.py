@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from funcnet._caches import bounded_cache
-from funcnet._errors import LayerError
+from funcnet._errors import ArgumentError
 from funcnet.ad import _compiled
 from funcnet.ad._policies import REMAT_POLICIES, barrier, divisor_near_sqrt, segment_bounds
 from funcnet.ad._repeat_plan import INPUT, OUTPUT, RECORD, residual_plan
@@ -62,15 +62,16 @@ class Walk:
 
     def __post_init__(self):
         if self.policy not in REMAT_POLICIES:
-            raise LayerError(f"remat must be one of {REMAT_POLICIES}, got {self.policy!r}.")
+            raise ArgumentError("remat", f"must be one of {REMAT_POLICIES}, got {self.policy!r}.")
         for extension in self.extensions:
             if not isinstance(extension, Extension):
-                raise LayerError(
-                    f"extensions must be fnet.extensions objects such as "
-                    f"fnet.extensions.batch_grad(), got {extension!r}.")
+                raise ArgumentError(
+                    "extensions", f"must be fnet.extensions objects such as "
+                                  f"fnet.extensions.batch_grad(), got {extension!r}.")
         names = [extension.name for extension in self.extensions]
         if len(set(names)) != len(names):
-            raise LayerError(f"each extension may be asked for once, got {names}.")
+            raise ArgumentError("extensions", f"each extension may be asked for once, got "
+                                              f"{names}.")
 
     @property
     def keeps_inputs(self) -> bool:

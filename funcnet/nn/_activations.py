@@ -17,7 +17,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from funcnet._errors import LayerError
+from funcnet._arguments import check_real, check_shape
 from funcnet.nn._layer import Layer
 
 
@@ -38,7 +38,7 @@ class Elementwise(Layer):
         raise NotImplementedError
 
     def init(self, key, in_shape):
-        return (), tuple(in_shape)
+        return (), check_shape("in_shape", in_shape)
 
     def apply(self, params, z):
         return self.sigma(z)
@@ -146,6 +146,9 @@ class LeakyRelu(Elementwise):
     alpha: float = 0.01
     formula: ClassVar[str] = "z if z > 0 else alpha z"
 
+    def __post_init__(self):
+        object.__setattr__(self, "alpha", check_real("leaky_relu(alpha)", self.alpha))
+
     @property
     def name(self) -> str:
         return f"leaky_relu({self.alpha})"
@@ -158,9 +161,5 @@ class LeakyRelu(Elementwise):
 
 
 def leaky_relu(alpha: float = 0.01) -> Layer:
-    """A leaky relu with negative slope ``alpha`` (a Python number)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise LayerError(
-            f"leaky_relu(alpha) needs a Python number for the negative slope, got {alpha!r} "
-            f"of type {type(alpha).__name__}; e.g. leaky_relu(0.01).")
-    return LeakyRelu(float(alpha))
+    """A leaky relu with negative slope ``alpha`` (a finite real number)."""
+    return LeakyRelu(alpha)

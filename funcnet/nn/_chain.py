@@ -16,7 +16,8 @@ from typing import Iterator, List, Tuple
 
 import jax
 
-from funcnet._errors import LayerError, Path, shape_str
+from funcnet._arguments import check_shape
+from funcnet._errors import ArgumentError, LayerError, Path, shape_str
 from funcnet.nn._layer import Layer, abstract_init
 
 
@@ -30,14 +31,18 @@ class Chain(Layer):
     def __post_init__(self):
         for index, item in enumerate(self.layers):
             if not isinstance(item, Layer):
-                raise LayerError(
-                    f"chain(...) takes layers, but argument {index} is {item!r} of type "
+                raise ArgumentError(
+                    "chain(...)", f"takes layers, but argument {index} is {item!r} of type "
                     f"{type(item).__name__}. Wrap a function g(w, z) with fnet.layer(g, "
-                    f"init_params) or build a fnet.Layer(init, apply, name)."
-                )
+                    f"init_params) or build a fnet.Layer(init, apply, name).")
+
+    @property
+    def in_dtype(self):
+        """The dtype its inputs take: that of its first layer (None: the default float)."""
+        return self.layers[0].in_dtype if self.layers else None
 
     def init(self, key, in_shape):
-        shape = tuple(in_shape)
+        shape = check_shape("in_shape", in_shape)
         params = []
         for index, (item, item_key) in enumerate(zip(self.layers, _split(key, len(self.layers)))):
             try:

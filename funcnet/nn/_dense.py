@@ -9,6 +9,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from funcnet._arguments import check_bool, check_int, check_shape
 from funcnet._errors import LayerError, shape_str
 from funcnet.nn._layer import Layer
 
@@ -51,14 +52,10 @@ class Dense(Layer):
     rules: ClassVar = (("per_example_grads", _per_example_grads),)
 
     def __post_init__(self):
-        width = self.out_features
-        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-            why = (
-                "A layer of width 0 has no outputs; remove it or give it at least one unit."
-                if width == 0 and not isinstance(width, bool)
-                else "Pass the number of output units as a positive int, e.g. dense(64)."
-            )
-            raise LayerError(f"dense(out_features) needs a positive integer width, got {width!r}. {why}")
+        # numpy integers and bools are normalised, so equal layers hash equal
+        object.__setattr__(self, "out_features",
+                           check_int("dense(out_features)", self.out_features, minimum=1))
+        object.__setattr__(self, "bias", check_bool("dense(bias)", self.bias))
 
     @property
     def name(self) -> str:
@@ -68,7 +65,7 @@ class Dense(Layer):
         return "z @ w + b" if self.bias else "z @ w"
 
     def init(self, key, in_shape):
-        in_shape = tuple(in_shape)
+        in_shape = check_shape("in_shape", in_shape)
         if len(in_shape) == 0 or in_shape[-1] < 1:
             raise LayerError(
                 f"{self.name} needs inputs whose per-example shape ends in a positive "

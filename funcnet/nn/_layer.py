@@ -9,6 +9,11 @@ A layer is a pair of pure functions plus a name::
 it returns z_next of shape (B, *out_shape), and example b of the output depends only on
 example b of the input. Layers are immutable and hashable, so they can be passed to
 ``jax.jit`` as static arguments and used as dictionary keys.
+
+A layer's inputs are floating-point unless it says otherwise: ``in_dtype`` (None for the
+default float dtype, or e.g. ``jnp.int32`` for a layer that indexes a table with its
+input, such as an embedding). Everything that traces a layer without data (the output
+shape of :func:`layer`, the generic FLOP count) probes it with inputs of that dtype.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from funcnet._arguments import check_callable, check_shape
 from funcnet._caches import bounded_cache
-from funcnet._errors import LayerError, Path, shape_str
+from funcnet._errors import ArgumentError, LayerError, Path, shape_str
 
 Shape = Tuple[int, ...]
 Params = Any
@@ -39,14 +46,25 @@ class Layer:
       name: shown in error messages and summaries.
       rules: optional faster rules this layer brings, ``{quantity: fn}`` (see
         :meth:`rule`); anything not given is derived generically from ``apply``.
+      in_dtype: the dtype of the layer's inputs: None (the default) for the default
+        float dtype, or e.g. ``jnp.int32`` for integer (index) inputs. Only generic
+        tracing without data reads it (the FLOP count of :meth:`flops`); ``init`` and
+        ``apply`` are yours.
+
+    Arguments of the wrong kind (a non-callable ``init`` or ``apply``, a ``name`` that is
+    not a str, an ``in_dtype`` that is not a dtype) raise
+    :class:`~funcnet.ArgumentError` naming the argument.
 
     Two layers are equal when they are of the same kind with equal settings (built-ins)
-    or hold the same ``init`` and ``apply`` functions and name (layers built here), so
-    rebuilding a network does not make ``jax.jit`` retrace.
+    or hold the same ``init`` and ``apply`` functions, name and ``in_dtype`` (layers
+    built here), so rebuilding a network does not make ``jax.jit`` retrace.
 
     What the machinery asks of a layer, beyond ``init`` and ``apply`` (every entry has a
     generic default, so any layer gets every capability; built-ins override some):
 
+    - ``in_dtype`` -- the dtype of the inputs, None for the default float dtype (the
+      generic FLOP count probes ``apply`` with it); a container's inputs are those of
+      the first layer it holds;
     - :meth:`flops` -- forward FLOPs per example (summaries, the Jacobian plan);
     - ``repeat_keeps`` -- what a ``repeat`` must keep for this layer's backward step:
       ``None`` (record its ``jax.vjp`` pullback), ``"input"`` (rebuild the pullback from
@@ -68,25 +86,26 @@ class Layer:
     repeat_keeps: ClassVar[Optional[str]] = None
     #: Faster rules, ``((quantity, fn), ...)``; see :meth:`rule`.
     rules: Tuple[Tuple[str, Callable], ...] = ()
+    #: The dtype of the inputs (a numpy dtype), or None for the default float dtype.
+    in_dtype: Optional[np.dtype] = None
 
     def __init__(self, init: InitFn, apply: ApplyFn, name: str = "layer",
-                 rules: Optional[Mapping[str, Callable]] = None):
-        if not callable(init) or not callable(apply):
-            raise TypeError(
-                f"Layer(init, apply, name) needs two callables; got init={init!r}, "
-                f"apply={apply!r}."
-            )
+                 rules: Optional[Mapping[str, Callable]] = None, in_dtype=None):
+        check_callable("init", init, "init(key, in_shape) -> (params, out_shape)")
+        check_callable("apply", apply, "apply(params, z) -> z_next")
         object.__setattr__(self, "_init_fn", init)
         object.__setattr__(self, "_apply_fn", apply)
-        object.__setattr__(self, "name", str(name))
+        object.__setattr__(self, "name", check_name(name))
         object.__setattr__(self, "rules", rules_tuple(rules))
+        object.__setattr__(self, "in_dtype", check_in_dtype(in_dtype))
 
     def __setattr__(self, key, value):
         raise dataclasses.FrozenInstanceError(f"layers are immutable; cannot set {key!r}")
 
     def init(self, key: jax.Array, in_shape: Shape) -> Tuple[Params, Shape]:
-        """``(params, out_shape)`` for inputs of per-example shape ``in_shape``."""
-        params, out_shape = self._init_fn(key, tuple(in_shape))
+        """``(params, out_shape)`` for inputs of per-example shape ``in_shape``, a tuple
+        (a bare int such as ``784`` raises :class:`~funcnet.ArgumentError`)."""
+        params, out_shape = self._init_fn(key, check_shape("in_shape", in_shape))
         return params, tuple(out_shape)
 
     def apply(self, params: Params, z: jax.Array) -> jax.Array:
@@ -110,8 +129,9 @@ class Layer:
     def flops(self, in_shape: Shape) -> int:
         """Forward FLOPs for ONE example of per-example shape ``in_shape``.
 
-        Generic: XLA's own cost analysis of ``apply`` on one example, compiled once per
-        layer and shape. Built-in layers override it with closed forms.
+        Generic: XLA's own cost analysis of ``apply`` on one example of dtype
+        :func:`probe_dtype` (``in_dtype``), compiled once per layer and shape. Built-in
+        layers override it with closed forms.
         """
         return xla_flops(self, tuple(int(d) for d in in_shape))
 
@@ -137,7 +157,7 @@ class Layer:
         return ()
 
     def _fields(self):
-        return (self._init_fn, self._apply_fn, self.name, self.rules)
+        return (self._init_fn, self._apply_fn, self.name, self.rules, self.in_dtype)
 
     def __eq__(self, other):
         return type(self) is type(other) and self._fields() == other._fields()
@@ -147,7 +167,7 @@ class Layer:
 
     def describe(self) -> str:
         """What the layer computes, in one line (its repr shows it)."""
-        return f"z -> {_function_name(self._apply_fn)}(params, z)"
+        return f"z -> {_function_name(self._apply_fn)}(params, z){_dtype_note(self)}"
 
     def __repr__(self):
         return f"<layer {self.name}: {self.describe()}>"
@@ -163,15 +183,56 @@ def rules_tuple(rules: Optional[Mapping[str, Callable]]) -> Tuple[Tuple[str, Cal
     return tuple(sorted(rules.items()))
 
 
+def check_name(name: Any) -> str:
+    """A layer's ``name``: a str, else :class:`~funcnet.ArgumentError`."""
+    if not isinstance(name, str):
+        raise ArgumentError("name", f"must be a str (shown in errors and summaries), got "
+                                    f"{name!r} ({type(name).__name__}).")
+    return name
+
+
+def check_in_dtype(in_dtype: Any) -> Optional[np.dtype]:
+    """A layer's ``in_dtype`` as a numpy dtype (so ``jnp.int32``, ``np.int32`` and
+    ``"int32"`` give equal layers), or None for the default float dtype; anything that is
+    not a numeric or bool dtype raises :class:`~funcnet.ArgumentError`."""
+    if in_dtype is None:
+        return None
+    try:
+        dtype = np.dtype(in_dtype)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.number)
+                             or jnp.issubdtype(dtype, jnp.bool_)):
+        raise ArgumentError("in_dtype", f"must be a dtype such as jnp.int32 (for index "
+                                        f"inputs) or None (the default float dtype), got "
+                                        f"{in_dtype!r} ({type(in_dtype).__name__}).")
+    return dtype
+
+
+def probe_dtype(layer: Layer) -> np.dtype:
+    """The dtype of the inputs ``layer`` is traced with when there is no data: its
+    ``in_dtype`` (as JAX stores it: int64 is int32 without x64), or the default float."""
+    dtype = getattr(layer, "in_dtype", None)
+    if dtype is None:
+        return jnp.result_type(float)
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def _dtype_note(layer: Layer) -> str:
+    dtype = getattr(layer, "in_dtype", None)
+    return "" if dtype is None else f" on {np.dtype(dtype).name} inputs"
+
+
 def _function_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
 @bounded_cache(maxsize=1024)
 def xla_flops(layer: Layer, in_shape: Shape) -> int:
-    """XLA's FLOP count of ``layer.apply`` on one example (no data: abstract params)."""
+    """XLA's FLOP count of ``layer.apply`` on one example (no data: abstract params, an
+    abstract input of dtype :func:`probe_dtype`)."""
     params, _ = abstract_init(layer, in_shape)
-    example = jax.ShapeDtypeStruct((1,) + tuple(in_shape), jnp.result_type(float))
+    example = jax.ShapeDtypeStruct((1,) + tuple(in_shape), probe_dtype(layer))
     analysis = jax.jit(layer.apply).lower(params, example).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return int((analysis or {}).get("flops", math.prod(in_shape)))
@@ -256,24 +317,38 @@ class FunctionLayer(Layer):
     init_params: Optional[Callable[[jax.Array, Shape], Params]] = None
     name: str = "function"
     rules: Tuple[Tuple[str, Callable], ...] = ()
+    in_dtype: Optional[np.dtype] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "in_dtype", check_in_dtype(self.in_dtype))
 
     def init(self, key, in_shape):
-        in_shape = tuple(in_shape)
+        """``(params, out_shape)``; out_shape is ``g``'s, traced without data on inputs of
+        shape ``(1, *in_shape)`` and dtype ``in_dtype`` (default float)."""
+        in_shape = check_shape("in_shape", in_shape)
         params = () if self.init_params is None else self.init_params(key, in_shape)
-        probe = jax.ShapeDtypeStruct((1,) + in_shape, jnp.result_type(float))
-        out = jax.eval_shape(self.g, params, probe)
+        probe = jax.ShapeDtypeStruct((1,) + in_shape, probe_dtype(self))
+        try:
+            out = jax.eval_shape(self.g, params, probe)
+        except (TypeError, IndexError) as error:
+            if self.in_dtype is not None:
+                raise
+            raise type(error)(
+                f"{error} (g was traced on {probe.dtype} inputs; if it takes integer "
+                f"inputs such as indices, build the layer with in_dtype=jnp.int32)"
+            ) from error
         return params, tuple(out.shape[1:])
 
     def apply(self, params, z):
         return self.g(params, z)
 
     def describe(self):
-        return f"z -> {_function_name(self.g)}(params, z)"
+        return f"z -> {_function_name(self.g)}(params, z){_dtype_note(self)}"
 
 
 def layer(g: ApplyFn, init_params: Optional[Callable[[jax.Array, Shape], Params]] = None,
           name: Optional[str] = None,
-          rules: Optional[Mapping[str, Callable]] = None) -> Layer:
+          rules: Optional[Mapping[str, Callable]] = None, in_dtype=None) -> Layer:
     """Turns any pure ``g(w, z)`` into a layer; the output shape is inferred.
 
     Args:
@@ -283,6 +358,14 @@ def layer(g: ApplyFn, init_params: Optional[Callable[[jax.Array, Shape], Params]
         out for a layer without parameters (its params are ``()``).
       name: for errors and summaries; defaults to ``g.__name__``.
       rules: optional faster rules, ``{quantity: fn}`` (see :meth:`Layer.rule`).
+      in_dtype: the dtype of the inputs: None (the default) for the default float dtype,
+        or an integer dtype such as ``jnp.int32`` for a layer that indexes with its input
+        (an embedding). The output shape and the FLOP count are traced on inputs of this
+        dtype.
+
+    A ``g`` or ``init_params`` that is not callable, a ``name`` that is not a str and an
+    ``in_dtype`` that is not a dtype raise :class:`~funcnet.ArgumentError` naming the
+    argument.
 
     The layer gets everything a built-in gets through generic rules: both modes of
     differentiation, the memory policies, ``repeat``, Jacobians and their plan, summaries
@@ -296,6 +379,18 @@ def layer(g: ApplyFn, init_params: Optional[Callable[[jax.Array, Shape], Params]
       >>> params, out_shape = net.init(jax.random.key(0), (3,))
       >>> out_shape
       (4,)
+
+    An embedding written by hand, on integer inputs (indices into a table of 10 rows)::
+
+      >>> embed = fnet.layer(lambda w, z: w[z],
+      ...                    lambda key, shape: jax.random.normal(key, (10, 4)),
+      ...                    name="embed", in_dtype=jnp.int32)
+      >>> params, out_shape = embed.init(jax.random.key(0), (5,))  # 5 indices per example
+      >>> out_shape
+      (5, 4)
     """
-    return FunctionLayer(g, init_params, name or getattr(g, "__name__", "function"),
-                         rules_tuple(rules))
+    check_callable("g", g, "g(params, z) -> z_next")
+    if init_params is not None:
+        check_callable("init_params", init_params, "init_params(key, in_shape) -> params")
+    name = getattr(g, "__name__", "function") if name is None else check_name(name)
+    return FunctionLayer(g, init_params, name, rules_tuple(rules), check_in_dtype(in_dtype))

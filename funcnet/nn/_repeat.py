@@ -12,7 +12,8 @@ import dataclasses
 
 import jax
 
-from funcnet._errors import LayerError, Path, shape_str
+from funcnet._arguments import check_int, check_shape
+from funcnet._errors import ArgumentError, LayerError, Path, shape_str
 from funcnet.nn._layer import Layer
 
 
@@ -25,16 +26,20 @@ class Repeat(Layer):
 
     def __post_init__(self):
         if not isinstance(self.layer, Layer):
-            raise LayerError(f"repeat(layer, n) takes a layer, got {self.layer!r}.")
-        if not isinstance(self.n, int) or self.n < 1:
-            raise LayerError(f"repeat(layer, n) needs n >= 1 copies, got {self.n!r}.")
+            raise ArgumentError("repeat(layer)", f"must be a funcnet Layer, got {self.layer!r}.")
+        object.__setattr__(self, "n", check_int("repeat(n)", self.n, minimum=1))
 
     @property
     def name(self) -> str:
         return f"repeat({self.layer.name}, {self.n})"
 
+    @property
+    def in_dtype(self):
+        """The dtype its inputs take: that of the repeated layer."""
+        return self.layer.in_dtype
+
     def init(self, key, in_shape):
-        in_shape = tuple(in_shape)
+        in_shape = check_shape("in_shape", in_shape)
         params, out_shape = self.layer.init(key, in_shape)
         _check_shape_kept(self, in_shape, out_shape, ())
         keys = jax.random.split(key, self.n)

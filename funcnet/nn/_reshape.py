@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from funcnet._arguments import check_shape
 from funcnet.nn._layer import Layer
 
 
@@ -16,7 +17,7 @@ class Flatten(Layer):
     name: str = "flatten"
 
     def init(self, key, in_shape):
-        return (), (math.prod(in_shape),)
+        return (), (math.prod(check_shape("in_shape", in_shape)),)
 
     def apply(self, params, z):
         return z.reshape(z.shape[0], -1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from funcnet._arguments import check_shape
 from funcnet._errors import LayerError, Path, shape_str
 from funcnet.nn._layer import Layer
 
@@ -23,8 +24,13 @@ class Residual(Layer):
     def name(self) -> str:
         return f"residual({self.inner.name})"
 
+    @property
+    def in_dtype(self):
+        """The dtype its inputs take: that of the inner layer."""
+        return self.inner.in_dtype
+
     def init(self, key, in_shape):
-        in_shape = tuple(in_shape)
+        in_shape = check_shape("in_shape", in_shape)
         params, out_shape = self.inner.init(key, in_shape)
         _check_width_kept(self.inner, in_shape, out_shape, ())
         return params, in_shape

@@ -9,6 +9,7 @@ from typing import List, Tuple
 
 import jax
 
+from funcnet._arguments import check_shape
 from funcnet.nn._layer import Layer, abstract_init
 
 
@@ -74,8 +75,13 @@ class Summary:
 
 
 def summary(net: Layer, in_shape) -> Summary:
-    """The :class:`Summary` of ``net`` for per-example input shape ``in_shape`` (no data
-    needed: shapes come from ``init`` traced abstractly).
+    """The :class:`Summary` of ``net`` for per-example input shape ``in_shape``, a tuple
+    (no data needed: shapes come from ``init`` traced abstractly). ``in_shape`` as a bare
+    int (``784`` for ``(784,)``) raises :class:`~funcnet.ArgumentError` with the fix.
+
+    Works for a net on integer inputs too: a first layer built with an ``in_dtype``
+    (``fnet.layer(g, init_params, in_dtype=jnp.int32)``, an embedding) is traced, and its
+    FLOPs counted, on inputs of that dtype.
 
     Example:
       >>> import funcnet as fnet
@@ -84,7 +90,7 @@ def summary(net: Layer, in_shape) -> Summary:
       (26, 50)
     """
     rows: List[SummaryRow] = []
-    _walk(net, tuple(int(d) for d in in_shape), 0, None, rows)
+    _walk(net, check_shape("in_shape", in_shape), 0, None, rows)
     return Summary(tuple(rows))
 
 

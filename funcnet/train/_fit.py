@@ -24,16 +24,34 @@ from jax.sharding import Mesh
 
 from funcnet import checkpoint as _checkpoint
 from funcnet._caches import bounded_cache
-from funcnet._errors import LayerError
+from funcnet._errors import ArgumentError
 from funcnet.ad._reverse import Loss
 from funcnet.nn._layer import Layer
 from funcnet.train._metrics import evaluate
-from funcnet.train._parallel import check_divisible, replicated, shard_batch
-from funcnet.train._step import TrainState, init_train_state, step_fn, train_step
+from funcnet.train._fingerprint import differences, fingerprint
+from funcnet.train._fit_checks import check_fit
+from funcnet.train._parallel import replicated, shard_batch
+from funcnet.train._step import TrainState, init_train_state, owned_copy, step_fn, train_step
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step."""
+    """Training cannot go on (a non-finite loss); the message names the step.
+
+    Attributes:
+      state: the last :class:`TrainState` verified finite (its params finite and every
+        loss up to it finite), to inspect or continue from; the caller's own arrays are
+        never consumed, so nothing before it is lost either.
+      step: the steps that state has taken.
+      checkpoint_path: where the last checkpoint of this run is, or None when none was
+        written.
+    """
+
+    def __init__(self, message: str, state: Optional["TrainState"] = None,
+                 step: Optional[int] = None, checkpoint_path: Optional[str] = None):
+        super().__init__(message)
+        self.state = state
+        self.step = step
+        self.checkpoint_path = checkpoint_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +123,15 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> FitResult:
     """Trains ``net`` on (x, y) for ``epochs`` epochs of shuffled mini-batches.
 
+    Every argument is checked before the first step (:mod:`funcnet.train._fit_checks`):
+    x and y lengths, eval_data, label ranges, integer settings, the state against the
+    optimizer, the mesh against the batch, the checkpoint directory.
+
     Args:
       net, loss: the network and ``loss(out, y) -> scalar``.
       optimizer: any ``optax.GradientTransformation``.
-      params: initial params (ignored when ``state`` is given).
+      params: initial params (ignored when ``state`` is given). Never consumed: fit
+        trains a copy.
       x, y: the training set, batch first (moved to the device once).
       key: PRNG key for shuffling; epoch e uses ``jax.random.fold_in(key, e)``, so a run
         resumed at ``first_epoch=e`` with the same key sees the same batches.
@@ -116,7 +139,8 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         SGD. The last ``n % batch_size`` examples of each shuffled epoch are left out, so
         every step has the same shape (one compilation).
       eval_data: optional (x_eval, y_eval), evaluated after every epoch.
-      state: a :class:`TrainState` to continue from (e.g. restored from a checkpoint).
+      state: a :class:`TrainState` to continue from (e.g. a FitResult's ``.state``). Never
+        consumed: fit trains a copy, so the caller's state stays valid.
       first_epoch: the index of the first epoch to run (for resuming).
       progress: show a tqdm progress bar with the running loss. ``None`` (default): a bar
         when tqdm is installed (it comes with the ``experiments`` extra), none otherwise;
@@ -126,11 +150,14 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         multiple of the device count). The batches and the result are those of the
         single-device run, up to floating-point reassociation of the batch mean.
       checkpoint_path: save the state (params, optimizer state, step, shuffling key and
-        epoch) there atomically after every epoch (:mod:`funcnet.checkpoint`). If the
-        file exists when fit starts, training resumes from it: the epochs it already holds
-        are skipped and the run continues bit-identically to an uninterrupted one, up to
-        the same last epoch ``first_epoch + epochs - 1``. The returned history covers the
-        epochs run by this call.
+        epoch) there atomically after every epoch (:mod:`funcnet.checkpoint`), with a
+        fingerprint of the run's settings (examples, batch size, key, optimizer, last
+        epoch). If the file exists when fit starts, training resumes from it: the epochs
+        it already holds are skipped and the run continues bit-identically to an
+        uninterrupted one, up to the same last epoch ``first_epoch + epochs - 1``. A
+        checkpoint of a run with other settings, or one past this call's last epoch, is
+        refused (:class:`funcnet.checkpoint.CheckpointError` saying what differs). The
+        returned history covers the epochs run by this call.
       remat: the backward pass's memory policy, "keep" (default), "sqrt" or "recompute"
         (see :func:`funcnet.value_and_grad`).
       steps_per_call: how many steps one jitted call runs: 1 (a Python loop over the
@@ -144,27 +171,33 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
       :class:`FitResult` with the final state and the :class:`History`.
 
     Raises:
+      ArgumentError, LayerError: a bad argument, before any step.
+      CheckpointError: a checkpoint at ``checkpoint_path`` of another run.
       TrainingError: when a loss is NaN or infinite, naming the step and the last finite
-        loss (checked once per progress update, so a few more steps may have run).
+        loss (checked once per progress update, so a few more steps may have run); it
+        carries the last state verified finite and the last checkpoint's path.
     """
-    n = int(jnp.shape(x)[0])
-    batch_size = n if batch_size is None else int(batch_size)
-    if not 1 <= batch_size <= n:
-        raise LayerError(f"batch_size must lie in [1, {n}] (the training set size), got {batch_size}.")
-    steps_per_epoch = n // batch_size
-    calls = _steps_per_call(steps_per_call, steps_per_epoch, mesh)
-    state = init_train_state(params, optimizer) if state is None else state
-    last_epoch = first_epoch + epochs - 1
+    plan = check_fit(net, loss, optimizer, params, x, y, key=key, epochs=epochs,
+                     batch_size=batch_size, eval_data=eval_data, state=state,
+                     first_epoch=first_epoch, progress=progress, mesh=mesh,
+                     checkpoint_path=checkpoint_path, remat=remat,
+                     steps_per_call=steps_per_call, on_epoch_end=on_epoch_end)
+    n, batch_size, steps_per_epoch = plan.examples, plan.batch_size, plan.steps_per_epoch
+    first_epoch, last_epoch = plan.first_epoch, plan.first_epoch + plan.epochs - 1
+    bar = _progress_bar(progress)  # (checked now; shown from the first step)
+    run = fingerprint(optimizer=optimizer, key=key, batch_size=batch_size, examples=n,
+                      last_epoch=last_epoch)
+    # the state fit owns: a copy, so that donating it never consumes the caller's arrays
+    state = init_train_state(params, optimizer) if state is None else owned_copy(state)
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
-        state, key, first_epoch = _resume(checkpoint_path, state, key)
-        epochs = max(0, last_epoch - first_epoch + 1)
+        state, key, first_epoch = _resume(checkpoint_path, state, key, run, last_epoch)
+    epochs = max(0, last_epoch - first_epoch + 1)
     if mesh is None:
         x, y = _on_device(x), jax.tree.map(_on_device, y)
 
         def step(state, batches, start, count):
             return _indexed_step(net, loss, optimizer, remat, count)(state, x, y, batches, start)
     else:
-        check_divisible(mesh, batch_size)
         x, y = np.asarray(x), jax.tree.map(np.asarray, y)
         state = jax.device_put(state, replicated(mesh))
         sharded_step = train_step(net, loss, optimizer, mesh, remat)
@@ -176,10 +209,15 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     # how often losses come back to the host (a device sync): about 20 times an epoch,
     # but never more often than every 50 steps, so small steps are not held up by it
     log_every = max(50, steps_per_epoch // 20)
-    bar = _progress_bar(progress, epochs * steps_per_epoch, getattr(net, "name", "fit"))
+    bar = bar(epochs * steps_per_epoch, getattr(net, "name", "fit"))
     step_losses: List[np.ndarray] = []
     epoch_rows: List[Dict[str, float]] = []
-    last_finite, done = (None, None), int(state.step)  # steps done, counted globally
+    done = int(state.step)  # steps done, counted globally
+    last_finite = (None, None)
+    # the last state verified finite, kept apart from the donated one being trained
+    verified = _Verified(state, done, checkpoint_path if os.path.exists(
+        checkpoint_path or "") else None)
+    state = owned_copy(state)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -189,19 +227,20 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                 batches = np.asarray(batches)  # gathered on the host, then split over the mesh
             pending: List[jax.Array] = []
             epoch_sum, waiting = 0.0, 0
-            for start_index in range(0, steps_per_epoch, calls):
+            for start_index in range(0, steps_per_epoch, plan.steps_per_call):
                 # one step (a scalar loss) or a scanned block of steps (a vector of losses)
-                count = min(calls, steps_per_epoch - start_index)
+                count = min(plan.steps_per_call, steps_per_epoch - start_index)
                 state, value = step(state, batches, start_index, count)
                 pending.append(value)
                 waiting += count
-                if waiting >= log_every or start_index + calls >= steps_per_epoch:
+                if waiting >= log_every or start_index + count >= steps_per_epoch:
                     values = np.concatenate([np.atleast_1d(v) for v in jax.device_get(pending)])
                     values = values.astype(np.float64)
-                    last_finite = _check_finite(values, done, last_finite)
+                    last_finite = _check_finite(values, done, last_finite, verified)
+                    done += len(values)
+                    verified.update(state, done)
                     step_losses.append(values)
                     epoch_sum += float(values.sum())
-                    done += len(values)
                     bar.update(len(values))
                     bar.set_postfix(epoch=epoch, loss=f"{values[-1]:.4g}", refresh=False)
                     pending, waiting = [], 0
@@ -213,13 +252,33 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                 row.update({f"eval_{name}": value for name, value in metrics.items()})
             epoch_rows.append(row)
             if checkpoint_path is not None:
-                _checkpoint.save(checkpoint_path, {"state": state, "key": key},
-                                 step=done, metadata={"epoch": epoch})
+                _checkpoint.save(checkpoint_path, {"state": state, "key": key}, step=done,
+                                 metadata={"epoch": epoch, "fingerprint": run})
+                verified.checkpoint = checkpoint_path
             if on_epoch_end is not None:
                 on_epoch_end(epoch, state)
     bar.close()
     history = History(np.concatenate(step_losses) if step_losses else np.zeros((0,)), epoch_rows)
     return FitResult(state, history)
+
+
+class _Verified:
+    """The last state verified finite (a copy the training loop does not donate), the
+    steps it has taken, and the path of the last checkpoint written."""
+
+    def __init__(self, state, step: int, checkpoint: Optional[str]):
+        self.state, self.step, self.checkpoint = state, step, checkpoint
+
+    def update(self, state, step: int) -> None:
+        """Keeps a copy of ``state`` when its params are all finite (one reduction)."""
+        if bool(_all_finite(state.params)):
+            self.state, self.step = owned_copy(state), step
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+                               or [True]))
 
 
 class _NoBar:
@@ -235,17 +294,22 @@ class _NoBar:
         pass
 
 
-def _progress_bar(progress: Optional[bool], total: int, description: str):
+def _progress_bar(progress: Optional[bool]):
+    """``make(total, description)`` for the bar ``progress`` asks for (checked now)."""
     have_tqdm = importlib.util.find_spec("tqdm") is not None
     if progress and not have_tqdm:
-        raise LayerError(
-            "fit(progress=True) needs tqdm, which is not installed: pip install tqdm (or "
-            "funcnet[experiments]), or pass progress=False.")
+        raise ArgumentError(
+            "progress", "fit(progress=True) needs tqdm, which is not installed: pip install "
+                        "tqdm (or funcnet[experiments]), or pass progress=False.")
     if progress is False or not have_tqdm:
-        return _NoBar()
-    from tqdm.auto import tqdm  # optional dependency, imported only when a bar is shown
+        return lambda total, description: _NoBar()
 
-    return tqdm(total=total, unit="step", desc=description)
+    def make(total, description):
+        from tqdm.auto import tqdm  # optional dependency, imported only when a bar is shown
+
+        return tqdm(total=total, unit="step", desc=description)
+
+    return make
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -255,28 +319,33 @@ def _epoch_batches(key, epoch, n, steps, batch_size):
     return order[: steps * batch_size].reshape(steps, batch_size)
 
 
-def _steps_per_call(steps_per_call, steps_per_epoch: int, mesh) -> int:
-    if steps_per_call == "epoch":
-        steps_per_call = steps_per_epoch
-    if not isinstance(steps_per_call, int) or steps_per_call < 1:
-        raise LayerError(
-            f"steps_per_call must be a positive int or 'epoch', got {steps_per_call!r}.")
-    if steps_per_call > 1 and mesh is not None:
-        raise LayerError(
-            "steps_per_call > 1 scans device-resident batches and is not combined with "
-            "mesh=...; use steps_per_call=1 for data-parallel training.")
-    return min(steps_per_call, steps_per_epoch)
-
-
-def _resume(path, state: TrainState, key):
-    """(state, key, first epoch to run) from the checkpoint at ``path``."""
+def _resume(path, state: TrainState, key, run: Dict[str, Any], last_epoch: int):
+    """(state, key, first epoch to run) from the checkpoint at ``path``, after checking
+    that it was written by this run (the same fingerprint) and not past its last epoch."""
+    saved = _checkpoint.info(path)
+    saved_epoch = saved["metadata"].get("epoch")
+    if isinstance(saved_epoch, int) and saved_epoch > last_epoch:
+        raise _checkpoint.CheckpointError(
+            path, f"holds a run trained up to epoch {saved_epoch} (step {saved['step']}), past "
+                  f"this call's last epoch {last_epoch} (first_epoch + epochs - 1): resuming "
+                  f"would return the later model with no history. Load that model with "
+                  f"fnet.checkpoint.load, or ask for the run's epochs, or use another "
+                  f"checkpoint_path for a new run.")
+    differing = differences(saved["metadata"].get("fingerprint", {}), run)
+    if differing:
+        raise _checkpoint.CheckpointError(
+            path, "was written by a run with other settings, so resuming it would not continue "
+                  "that run: " + "; ".join(differing) + ". Resume with the settings it was "
+                  "written with, or use another checkpoint_path for a new run (to train a "
+                  "finished run further, load it with fnet.checkpoint.load and pass its state "
+                  "with first_epoch and a new checkpoint_path).")
     template = jax.eval_shape(lambda: {"state": state, "key": key})
     restored = _checkpoint.load(path, template)
     return (restored.tree["state"], restored.tree["key"],
             int(restored.metadata["epoch"]) + 1)
 
 
-def _check_finite(values: np.ndarray, done: int, last_finite):
+def _check_finite(values: np.ndarray, done: int, last_finite, verified: _Verified):
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         first = int(bad[0])
@@ -286,8 +355,11 @@ def _check_finite(values: np.ndarray, done: int, last_finite):
             "no finite loss was seen" if last_finite[0] is None
             else f"the last finite loss was {last_finite[1]:.6g} at step {last_finite[0]}"
         )
+        where = (f"the last checkpoint is at {verified.checkpoint}" if verified.checkpoint
+                 else "no checkpoint was written (pass checkpoint_path= to keep one per epoch)")
         raise TrainingError(
-            f"the loss became {values[first]} at step {done + first + 1}; {last}. Lower the "
-            f"learning rate, check the inputs for NaN/inf, or use a numerically stable loss."
-        )
+            f"the loss became {values[first]} at step {done + first + 1}; {last}. The error's "
+            f".state holds the state after step {verified.step}, the last verified finite; "
+            f"{where}. Lower the learning rate, check the inputs for NaN/inf, or use a "
+            f"numerically stable loss.", verified.state, verified.step, verified.checkpoint)
     return (done + len(values), float(values[-1]))

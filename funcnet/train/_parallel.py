@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from funcnet._errors import LayerError
+from funcnet._errors import ArgumentError
 
 BATCH_AXIS = "batch"
 
@@ -39,10 +39,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_divisible(mesh: Mesh, batch_size: int) -> None:
     devices = mesh.devices.size
     if batch_size % devices:
-        raise LayerError(
-            f"batch_size {batch_size} cannot be split evenly over the mesh's {devices} "
-            f"devices; use a multiple of {devices} (e.g. {devices * max(1, batch_size // devices)})."
-        )
+        raise ArgumentError(
+            "batch_size", f"{batch_size} cannot be split evenly over the mesh's {devices} "
+                          f"devices; use a multiple of {devices} (e.g. "
+                          f"{devices * max(1, batch_size // devices)}).")
 
 
 def shard_batch(mesh: Mesh, local_batch):

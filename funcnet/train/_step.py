@@ -21,6 +21,8 @@ import optax
 from jax.sharding import Mesh
 
 from funcnet._caches import bounded_cache
+from funcnet._errors import ArgumentError
+from funcnet.ad._inputs import check_loss
 from funcnet.ad._reverse import Loss, value_and_grad
 from funcnet.nn._layer import Layer
 from funcnet.train._parallel import batch_sharded, replicated
@@ -45,10 +47,18 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
     invalidating the caller's ``params``. Built by one compiled program per optimizer
     (cached), not by one small program per parameter shape.
     """
+    check_not_donated("params", params)
     try:
         return _compiled_init(optimizer)(params)
     except TypeError:  # an unhashable optimizer
         return _compiled_init.__wrapped__(optimizer)(params)
+
+
+@jax.jit
+def owned_copy(tree):
+    """A copy of ``tree`` in new buffers (one compiled program per tree layout), which a
+    donating step may consume without touching the caller's arrays."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 @bounded_cache(maxsize=64)
@@ -65,7 +75,8 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
     """A jitted ``step(state, x, y) -> (state, loss value)``, state buffers donated.
 
     The donated ``state`` must not be used after the call (its buffers are reused for the
-    new state); keep the returned one. With a ``mesh`` (see
+    new state); keep the returned one. Passing a donated state again raises
+    :class:`funcnet.ArgumentError` naming ``state``. With a ``mesh`` (see
     :func:`funcnet.data_parallel_mesh`) the step is data-parallel: state replicated, x and
     y split along the batch over the mesh's devices (place them with
     :func:`funcnet.shard_batch`). ``remat`` is the backward pass's memory policy
@@ -75,10 +86,31 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
         state = fnet.init_train_state(params, optax.adam(1e-3))
         state, value = step(state, x, y)
     """
+    check_loss(loss)
     try:
-        return _compiled_train_step(net, loss, optimizer, mesh, remat)
+        compiled = _compiled_train_step(net, loss, optimizer, mesh, remat)
     except TypeError:  # an unhashable loss or optimizer: compile without the cache
-        return _compiled_train_step.__wrapped__(net, loss, optimizer, mesh, remat)
+        compiled = _compiled_train_step.__wrapped__(net, loss, optimizer, mesh, remat)
+
+    def step(state: TrainState, x, y):
+        try:
+            return compiled(state, x, y)
+        except ValueError:  # jax's error for a deleted buffer, said plainly
+            check_not_donated("state", state)
+            raise
+
+    return step
+
+
+def check_not_donated(argument: str, tree) -> None:
+    """Raises ArgumentError when an array of ``tree`` was donated to an earlier step (its
+    buffer now belongs to that step's result)."""
+    if any(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+           and leaf.is_deleted() for leaf in jax.tree.leaves(tree)):
+        raise ArgumentError(
+            argument, "was donated to an earlier train step, which reused its buffers for "
+                      "the state it returned; pass that returned state instead (state, loss "
+                      "= step(state, x, y)), or a FitResult's .state.")
 
 
 @bounded_cache(maxsize=64)

@@ -423,19 +423,19 @@ def test_forward_flops_of_a_dense_layer_match_xla_cost_analysis():
 # ---------------------------------------------------------------------------------------
 # Errors.
 
-def test_unknown_mode_or_wrt_is_a_layer_error_listing_the_options():
+def test_unknown_mode_or_wrt_is_an_argument_error_listing_the_options():
     net = dense_chain((3, 4, 2))
     params, _ = random_params(net, (3,), np.random.default_rng(0))
     x = jnp.ones((3,))
-    with pytest.raises(fnet.LayerError) as info:
+    with pytest.raises(fnet.ArgumentError) as info:
         fnet.jacobian(net, params, x, mode="optimum")
     for part in ("'forward'", "'reverse'", "'optimal'", "'optimum'"):
         assert part in str(info.value), str(info.value)
-    with pytest.raises(fnet.LayerError) as info:
+    with pytest.raises(fnet.ArgumentError) as info:
         fnet.jacobian(net, params, x, wrt="inputs", mode="optimal")
     for part in ("'input'", "'params'", "'inputs'"):
         assert part in str(info.value), str(info.value)
-    with pytest.raises(fnet.LayerError) as info:
+    with pytest.raises(fnet.ArgumentError) as info:
         fnet.jacobian_plan(net, (3,), wrt="weights")
     for part in ("'input'", "'params'", "'weights'"):
         assert part in str(info.value), str(info.value)

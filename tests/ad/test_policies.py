@@ -191,9 +191,9 @@ def test_grad_with_remat_on_a_deep_chain_of_repeats_and_residuals():
 
 @pytest.mark.parametrize("make", [fnet.value_and_grad, fnet.grad], ids=["value_and_grad", "grad"])
 @pytest.mark.parametrize("bad", ["checkpoint", "Sqrt", "", None])
-def test_an_unknown_policy_is_a_layer_error_listing_the_options(make, bad):
+def test_an_unknown_policy_is_an_argument_error_listing_the_options(make, bad):
     net = fnet.chain(fnet.dense(3), fnet.tanh)
-    with pytest.raises(fnet.LayerError) as info:
+    with pytest.raises(fnet.ArgumentError) as info:
         make(net, fnet.losses.squared_error, remat=bad)  # raised when built, not when called
     message = str(info.value)
     for option in POLICIES:

@@ -272,7 +272,7 @@ def test_asking_for_an_extension_twice_or_a_non_extension_is_refused():
     net = fnet.dense(1)
     params, _ = net.init(jax.random.key(0), (2,))
     x, y = jnp.ones((3, 2)), jnp.ones((3, 1))
-    with pytest.raises(fnet.LayerError, match="once"):
+    with pytest.raises(fnet.ArgumentError, match="once"):
         fnet.backprop(net, LOSS, params, x, y, extensions=EXTENSIONS + EXTENSIONS[:1])
-    with pytest.raises(fnet.LayerError, match="extensions must be"):
+    with pytest.raises(fnet.ArgumentError, match="extensions: must be"):
         fnet.backprop(net, LOSS, params, x, y, extensions=("batch_grad",))

@@ -414,8 +414,111 @@ def test_layer_class_user_layer(key):
 
 
 def test_layer_class_needs_callables():
-    with pytest.raises(TypeError, match="two callables"):
+    with pytest.raises(fnet.ArgumentError, match=r"^init: must be a function") as error:
         fnet.Layer(None, _scale_apply, "bad")
+    assert error.value.argument == "init"
+    with pytest.raises(fnet.ArgumentError, match=r"^apply: must be a function") as error:
+        fnet.Layer(_scale_init, "not a function", "bad")
+    assert error.value.argument == "apply"
+    with pytest.raises(TypeError):  # ArgumentError is a TypeError, as before
+        fnet.Layer(None, _scale_apply, "bad")
+
+
+def test_layer_function_needs_a_callable_g():
+    with pytest.raises(fnet.ArgumentError, match=r"^g: must be a function g\(params, z\)") as error:
+        fnet.layer(jnp.ones(3))
+    assert error.value.argument == "g"
+    with pytest.raises(fnet.ArgumentError) as error:
+        fnet.layer(_proj_g, {"m": jnp.ones((3, 5))})  # params instead of init_params
+    assert error.value.argument == "init_params"
+
+
+def test_layer_names_must_be_str():
+    for make in (lambda: fnet.layer(_proj_g, _proj_init, name=3),
+                 lambda: fnet.Layer(_scale_init, _scale_apply, name=("scale",))):
+        with pytest.raises(fnet.ArgumentError, match=r"^name: must be a str") as error:
+            make()
+        assert error.value.argument == "name"
+
+
+def test_an_int_in_shape_is_refused_with_the_tuple_fix(key):
+    nets = [fnet.Layer(_scale_init, _scale_apply, name="scale"),
+            fnet.layer(_proj_g, _proj_init, name="proj"),
+            fnet.chain(fnet.dense(4), fnet.layer(_proj_g, _proj_init))]
+    for net in nets:
+        with pytest.raises(fnet.ArgumentError, match=r"^in_shape: .*\(784,\)") as error:
+            net.init(key, 784)
+        assert error.value.argument == "in_shape"
+    # lists still work, as shapes
+    assert nets[1].init(key, [3])[1] == (5,)
+
+
+# A hand-written embedding: integer inputs index the rows of a (10, 4) table.
+def _embed_g(w, z):
+    return w[z]
+
+
+def _embed_init(key, in_shape):
+    return jax.random.normal(key, (10, 4))
+
+
+def _embed(**kwargs):
+    return fnet.layer(_embed_g, _embed_init, name="embed", in_dtype=jnp.int32, **kwargs)
+
+
+def test_integer_input_layer_infers_out_shape_and_applies(key):
+    embed = _embed()
+    assert embed.in_dtype == jnp.int32
+    params, out_shape = embed.init(key, (5,))
+    assert out_shape == (5, 4) and params.shape == (10, 4)
+    params, out_shape = embed.init(key, (2, 3))  # any input shape: one row per index
+    assert out_shape == (2, 3, 4)
+    x = jnp.array([[0, 1, 2], [9, 9, 0]], dtype=jnp.int32)[:, None, :].repeat(2, axis=1)
+    out = embed.apply(params, x)
+    assert out.shape == (2,) + out_shape and out.dtype == params.dtype
+    np.testing.assert_array_equal(out, np.asarray(params)[np.asarray(x)])
+    # in a chain: init's out_shape agrees with apply's on integer inputs
+    net = fnet.chain(embed, fnet.flatten, fnet.dense(3))
+    params, out_shape = net.init(key, (5,))
+    assert out_shape == (3,)
+    x = jnp.array([[0, 1, 2, 3, 9], [4, 4, 4, 4, 4]], dtype=jnp.int32)
+    assert net.apply(params, x).shape == (2, 3)
+
+
+def test_in_dtype_is_part_of_the_layer():
+    embed = _embed()
+    # any spelling of the same dtype gives an equal layer (no retrace under jit)
+    assert embed == fnet.layer(_embed_g, _embed_init, name="embed", in_dtype="int32")
+    assert hash(embed) == hash(fnet.layer(_embed_g, _embed_init, name="embed", in_dtype=np.int32))
+    assert embed != fnet.layer(_embed_g, _embed_init, name="embed")
+    assert fnet.layer(_embed_g, _embed_init).in_dtype is None  # default: float inputs
+    assert "int32" in repr(embed)
+    user = fnet.Layer(_scale_init, _scale_apply, name="scale", in_dtype=jnp.int32)
+    assert user.in_dtype == jnp.int32
+    assert user != fnet.Layer(_scale_init, _scale_apply, name="scale")
+    with pytest.raises(fnet.ArgumentError, match=r"^in_dtype: .*jnp\.int32"):
+        fnet.layer(_embed_g, _embed_init, in_dtype="not a dtype")
+    with pytest.raises(fnet.ArgumentError, match=r"^in_dtype: "):
+        fnet.Layer(_scale_init, _scale_apply, in_dtype=object)
+
+
+def test_index_layer_without_in_dtype_says_to_give_one(key):
+    embed = fnet.layer(_embed_g, _embed_init, name="embed")  # traced on floats
+    with pytest.raises(fnet.LayerError, match=r"layer 0 \(embed\).*in_dtype=jnp\.int32"):
+        fnet.chain(embed).init(key, (5,))
+
+
+def test_generic_flops_probe_with_the_in_dtype():
+    def init(key, in_shape):
+        return jnp.ones((10, 4)), tuple(in_shape) + (4,)
+
+    def apply(w, z):
+        return 2.0 * w[z]
+
+    user = fnet.Layer(init, apply, name="embed2x", in_dtype=jnp.int32)
+    assert user.flops((5,)) >= 5 * 4  # at least the multiply per output entry
+    with pytest.raises(TypeError):  # traced on floats, w[z] cannot index
+        fnet.Layer(init, apply, name="embed2x").flops((5,))
 
 
 def test_layer_function_infers_out_shape(key):

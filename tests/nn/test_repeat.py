@@ -302,16 +302,24 @@ def test_repeat_of_a_width_changing_layer_names_the_layers_and_shapes(key):
         assert part in message, (part, message)
 
 
-@pytest.mark.parametrize("n", [0, -3])
-def test_repeat_needs_at_least_one_copy(n):
-    with pytest.raises(fnet.LayerError) as info:
+@pytest.mark.parametrize("n, problem", [
+    (0, "must be at least 1, got 0"), (-3, "must be at least 1, got -3"),
+    (2.0, "must be an int, got 2.0 (float)"), (True, "must be an int, got True (bool)")])
+def test_repeat_needs_an_int_count_of_at_least_one_copy(n, problem):
+    with pytest.raises(fnet.ArgumentError) as info:
         fnet.repeat(fnet.dense(4), n)
-    for part in ("repeat(layer, n)", "n >= 1", f"got {n}"):
-        assert part in str(info.value), str(info.value)
+    assert str(info.value) == f"repeat(n): {problem}" or str(info.value).startswith(
+        f"repeat(n): {problem}"), str(info.value)
+    assert info.value.argument == "repeat(n)"
+
+
+def test_repeat_accepts_a_numpy_count_as_an_int():
+    assert fnet.repeat(fnet.dense(4), np.int64(3)) == fnet.repeat(fnet.dense(4), 3)
+    assert type(fnet.repeat(fnet.dense(4), np.int64(3)).n) is int
 
 
 def test_repeat_of_something_that_is_not_a_layer():
-    with pytest.raises(fnet.LayerError, match="takes a layer"):
+    with pytest.raises(fnet.ArgumentError, match=r"repeat\(layer\): must be a funcnet Layer"):
         fnet.repeat(lambda w, z: z, 3)
 
 

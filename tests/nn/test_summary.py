@@ -49,3 +49,39 @@ def test_a_failing_user_init_is_named_by_its_place_in_the_chain():
     broken = fnet.layer(lambda w, z: z @ w, lambda key, shape: jnp.ones((7, 2)), name="broken")
     with pytest.raises(fnet.LayerError, match=r"layer 1 \(broken\): init failed for per-example input shape \(5,\)"):
         fnet.chain(fnet.dense(5), broken).init(jax.random.key(0), (3,))
+
+
+def _embed_g(w, z):
+    return w[z]
+
+
+def test_summary_of_a_chain_on_integer_inputs():
+    import jax.numpy as jnp
+
+    embed = fnet.layer(_embed_g, lambda key, shape: jax.random.normal(key, (10, 4)),
+                       name="embed", in_dtype=jnp.int32)
+    net = fnet.chain(embed, fnet.flatten, fnet.dense(3))
+    params, out_shape = net.init(jax.random.key(0), (5,))
+    s = fnet.summary(net, (5,))
+    assert [(row.name, row.in_shape, row.out_shape, row.params) for row in s.rows] == [
+        ("chain", (5,), (3,), 103),
+        ("embed", (5,), (5, 4), 40),
+        ("flatten", (5, 4), (20,), 0),
+        ("dense(3)", (20,), (3,), 63),
+    ]
+    assert s.total_params == _count(params) == 10 * 4 + 20 * 3 + 3
+    assert s.rows[0].out_shape == out_shape
+    assert s.rows[1].flops >= 0  # a gather: XLA counts next to nothing, but it counts
+    assert s.rows[3].flops == 2 * 20 * 3 + 3
+    assert s.total_flops == sum(row.flops for row in s.rows[1:]) > 0
+    assert "embed" in str(s)
+
+
+def test_summary_refuses_an_int_in_shape_with_the_fix():
+    import pytest
+
+    net = fnet.chain(fnet.dense(4), fnet.relu)
+    with pytest.raises(fnet.ArgumentError, match=r"^in_shape: .*pass \(784,\)") as error:
+        fnet.summary(net, 784)
+    assert error.value.argument == "in_shape"
+    assert fnet.summary(net, [784]).total_params == 784 * 4 + 4  # a list is a shape

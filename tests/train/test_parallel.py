@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
         fnet.fit(net, loss, optax.sgd(0.1), params, x, y, mesh=mesh, key=jax.random.key(0),
                  batch_size=12, progress=False)
         indivisible = "no error"
-    except fnet.LayerError as error:
+    except fnet.ArgumentError as error:
         indivisible = str(error)
     leaf = multi.state.params[0]["w"]
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (1e-6 + np.abs(np.asarray(b)))))
@@ -62,4 +62,4 @@ def test_eight_device_data_parallel_fit_matches_single_device():
     assert len(result["single_loss"]) == 3 * (128 // 32)
     assert result["multi_loss"] == pytest.approx(result["single_loss"], rel=1e-5, abs=1e-6)
     assert result["max_param_rel_diff"] < 1e-4
-    assert "batch_size 12 cannot be split evenly over the mesh's 8 devices" in result["indivisible"]
+    assert "batch_size: 12 cannot be split evenly over the mesh's 8 devices" in result["indivisible"]
