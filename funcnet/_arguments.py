@@ -78,6 +78,17 @@ def check_array(argument: str, value: Any) -> None:
         raise ArgumentError(argument, "is None; pass an array (batch first).")
 
 
+def check_key(argument: str, key: Any) -> None:
+    """Refuses anything but one PRNG key: a typed key (``jax.random.key``) or a raw
+    uint32 key of shape (2,) (``jax.random.PRNGKey``)."""
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == np.uint32 and np.shape(key) == (2,)
+    if not ((typed and np.shape(key) == ()) or raw):
+        raise ArgumentError(argument, f"must be one PRNG key such as jax.random.key(0), got "
+                                      f"{key!r}.")
+
+
 def check_float_leaves(argument: str, tree: Any) -> None:
     """Refuses integer or bool leaves where floating-point values are differentiated
     (params, tangents, cotangents), naming the leaf."""

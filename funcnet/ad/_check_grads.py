@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet._errors import Path, format_path
+from funcnet._arguments import check_bool, check_real
+from funcnet._errors import ArgumentError, Path, format_path
 from funcnet.ad._reverse import Loss, backprop, layer_vjp
 from funcnet.nn._chain import Chain, top_level
 from funcnet.nn._layer import Layer
@@ -202,16 +203,22 @@ def check_grads(net: Layer, loss: Loss, params, x, y, rtol: Optional[float] = No
         (by its path, e.g. ``layer 1 (chain) > layer 0 (bad)``), not the layers below it
         that inherit the error; else the end-to-end check (every layer's own derivative
         agrees: the loss's gradient is the suspect).
-      ValueError: ``finite_differences=True`` with params that are not float64.
+      ArgumentError: ``finite_differences=True`` with params that are not float64.
     """
+    for name, value in (("atol", atol), ("fd_rtol", fd_rtol), ("fd_step", fd_step)) + (
+            (("rtol", rtol),) if rtol is not None else ()):
+        if check_real(name, value) < 0 or (name == "fd_step" and value == 0):
+            raise ArgumentError(name, f"must be {'positive' if name == 'fd_step' else 'non-negative'}"
+                                      f", got {value}.")
+    check_bool("finite_differences", finite_differences)
     dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32
     if rtol is None:
         rtol = _DEFAULT_RTOL.get(jnp.dtype(dtype).name, 1e-5)
     if finite_differences and jnp.dtype(dtype) != jnp.float64:
-        raise ValueError(
-            f"finite differences need float64 params (got {jnp.dtype(dtype).name}): enable "
-            f"jax.config.update('jax_enable_x64', True) and cast params and x to float64."
-        )
+        raise ArgumentError(
+            "finite_differences", f"finite differences need float64 params (got "
+                                  f"{jnp.dtype(dtype).name}): enable jax.config.update("
+                                  f"'jax_enable_x64', True) and cast params and x to float64.")
     record = backprop(net, loss, params, x, y)
 
     def objective(p):

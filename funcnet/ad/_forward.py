@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from funcnet._arguments import check_array
 from funcnet._caches import bounded_cache
 from funcnet._errors import LayerError, Path, shape_str
 from funcnet.ad._compiled import is_concrete
@@ -99,6 +100,8 @@ def jvp(net: Layer, params, x, params_dot=None, x_dot=None):
     check_batch(net, params, x)
     if params_dot is not None:
         check_tangent_params(net, params, params_dot)
+    if x_dot is not None:
+        check_array("x_dot", x_dot)
     if x_dot is not None and (jnp.shape(x_dot) != jnp.shape(x)
                               or jnp.result_type(x_dot) != jnp.result_type(x)):
         raise LayerError(

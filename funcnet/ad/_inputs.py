@@ -87,6 +87,17 @@ def _params_fit(net: Layer, params, in_shape) -> bool:
         tuple(jnp.shape(a)) == tuple(b.shape) for a, b in zip(leaves, expected_leaves))
 
 
+def check_target_arrays(y) -> None:
+    """Targets are arrays or pytrees of arrays: no Python lists or numbers."""
+    if y is None:
+        raise ArgumentError("y", "is None; pass the targets, an array with one row per "
+                                 "example.")
+    if isinstance(y, list) or any(isinstance(leaf, numbers.Number)
+                                  for leaf in jax.tree.leaves(y)):
+        raise ArgumentError("y", f"holds Python lists or numbers ({type(y).__name__}); pass "
+                                 f"arrays: jnp.asarray(y).")
+
+
 def check_targets(out: jax.ShapeDtypeStruct, y, loss) -> None:
     """Checks the targets against the outputs' shape, before the forward pass.
 
@@ -96,10 +107,7 @@ def check_targets(out: jax.ShapeDtypeStruct, y, loss) -> None:
     ``loss.check_targets(out, y)`` for checks that need the targets' values (label
     ranges); it runs here while y is concrete, before anything is compiled.
     """
-    if isinstance(y, list) or any(isinstance(leaf, numbers.Number)
-                                  for leaf in jax.tree.leaves(y)):
-        raise ArgumentError("y", f"holds Python lists or numbers ({type(y).__name__}); pass "
-                                 f"arrays: jnp.asarray(y).")
+    check_target_arrays(y)
     for leaf in jax.tree.leaves(y):
         if jnp.ndim(leaf) and jnp.shape(leaf)[0] != out.shape[0]:
             raise LayerError(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from funcnet._errors import LayerError, shape_str
-from funcnet.ad._inputs import check_batch
+from funcnet.ad._inputs import check_batch, check_target_arrays
 from funcnet.ad._reverse import Loss, backprop
 from funcnet.ad.extensions import batch_grad
 from funcnet.nn._layer import Layer
@@ -35,6 +35,7 @@ def per_example_grads(net: Layer, loss: Loss, remat: str = "keep"):
 
     def per_example_grads_fn(params, x, y):
         check_batch(net, params, x)
+        check_target_arrays(y)
         for leaf in jax.tree.leaves(y):
             if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != jnp.shape(x)[0]:
                 raise LayerError(

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from funcnet._errors import LayerError, shape_str
+from funcnet._arguments import check_array, check_float_leaves
+from funcnet._errors import ArgumentError, LayerError, shape_str
 from funcnet.ad import _compiled
 from funcnet.ad._inputs import check_batch, check_loss, check_targets, output_struct
 from funcnet.ad._walk import Walk, record, record_layers, walk_down, walk_layers
@@ -68,6 +69,8 @@ def vjp(net: Layer, params, x):
 
 
 def _checked_pullback(out_shape, pullback, ct):
+    check_array("ct", ct)
+    check_float_leaves("ct", ct)
     if jnp.shape(ct) != out_shape:
         raise LayerError(
             f"the cotangent passed to the pullback has shape {shape_str(jnp.shape(ct))}, "
@@ -130,6 +133,10 @@ def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "
     """
     if isinstance(extensions, Extension):  # one extension, not in a tuple
         extensions = (extensions,)
+    if not isinstance(extensions, (tuple, list)):
+        raise ArgumentError("extensions", f"must be a tuple of fnet.extensions objects such "
+                                          f"as (fnet.extensions.batch_grad(),), got "
+                                          f"{extensions!r}.")
     walk = Walk(remat, tuple(extensions))
     check_loss(loss)
     out_shape = check_batch(net, params, x)

@@ -16,9 +16,9 @@ from typing import Iterator, List, Tuple
 
 import jax
 
-from funcnet._arguments import check_shape
+from funcnet._arguments import check_key, check_shape
 from funcnet._errors import ArgumentError, LayerError, Path, shape_str
-from funcnet.nn._layer import Layer, abstract_init
+from funcnet.nn._layer import Layer, abstract_init, check_name
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -43,6 +43,7 @@ class Chain(Layer):
 
     def init(self, key, in_shape):
         shape = check_shape("in_shape", in_shape)
+        check_key("key", key)
         params = []
         for index, (item, item_key) in enumerate(zip(self.layers, _split(key, len(self.layers)))):
             try:
@@ -111,7 +112,7 @@ def chain(*layers: Layer, name: str = "chain") -> Chain:
     """
     if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
         layers = tuple(layers[0])
-    return Chain(tuple(layers), name)
+    return Chain(tuple(layers), check_name(name))
 
 
 def top_level(net: Layer, params):

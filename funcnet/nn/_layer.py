@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from funcnet._arguments import check_callable, check_shape
+from funcnet._arguments import check_callable, check_key, check_shape
 from funcnet._caches import bounded_cache
 from funcnet._errors import ArgumentError, LayerError, Path, shape_str
 
@@ -105,7 +105,9 @@ class Layer:
     def init(self, key: jax.Array, in_shape: Shape) -> Tuple[Params, Shape]:
         """``(params, out_shape)`` for inputs of per-example shape ``in_shape``, a tuple
         (a bare int such as ``784`` raises :class:`~funcnet.ArgumentError`)."""
-        params, out_shape = self._init_fn(key, check_shape("in_shape", in_shape))
+        in_shape = check_shape("in_shape", in_shape)
+        check_key("key", key)
+        params, out_shape = self._init_fn(key, in_shape)
         return params, tuple(out_shape)
 
     def apply(self, params: Params, z: jax.Array) -> jax.Array:
@@ -326,6 +328,7 @@ class FunctionLayer(Layer):
         """``(params, out_shape)``; out_shape is ``g``'s, traced without data on inputs of
         shape ``(1, *in_shape)`` and dtype ``in_dtype`` (default float)."""
         in_shape = check_shape("in_shape", in_shape)
+        check_key("key", key)
         params = () if self.init_params is None else self.init_params(key, in_shape)
         probe = jax.ShapeDtypeStruct((1,) + in_shape, probe_dtype(self))
         try:
@@ -333,10 +336,11 @@ class FunctionLayer(Layer):
         except (TypeError, IndexError) as error:
             if self.in_dtype is not None:
                 raise
-            raise type(error)(
-                f"{error} (g was traced on {probe.dtype} inputs; if it takes integer "
-                f"inputs such as indices, build the layer with in_dtype=jnp.int32)"
-            ) from error
+            raise LayerError(
+                f"tracing g on {probe.dtype} inputs of shape "
+                f"{shape_str(probe.shape)} failed ({type(error).__name__}: {error}); if it "
+                f"takes integer inputs such as indices, build the layer with "
+                f"in_dtype=jnp.int32.") from error
         return params, tuple(out.shape[1:])
 
     def apply(self, params, z):

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from funcnet._arguments import check_shape
-from funcnet._errors import LayerError, Path, shape_str
+from funcnet._errors import ArgumentError, LayerError, Path, shape_str
 from funcnet.nn._layer import Layer
 
 
@@ -67,4 +67,6 @@ def _check_width_kept(inner, in_shape, out_shape, path):
 
 def residual(layer: Layer) -> Residual:
     """The skip connection ``z + layer(z)``; ``layer`` must keep the shape."""
+    if not isinstance(layer, Layer):
+        raise ArgumentError("residual(layer)", f"must be a funcnet Layer, got {layer!r}.")
     return Residual(layer)

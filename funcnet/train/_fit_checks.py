@@ -14,13 +14,15 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from funcnet._arguments import check_array, check_bool, check_float_leaves, check_int
+from funcnet._arguments import (check_array, check_bool, check_float_leaves, check_int,
+                                check_key)
 from funcnet._errors import ArgumentError, LayerError, shape_str
 from funcnet.ad._inputs import check_layer, check_loss, check_targets, output_struct
 from funcnet.ad._walk import Walk
 from funcnet.train._parallel import check_divisible
-from funcnet.train._step import TrainState, check_not_donated
+from funcnet.train._step import TrainState, check_not_donated, check_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +43,11 @@ def check_fit(net, loss, optimizer, params, x, y, *, key, epochs, batch_size, ev
     """Checks every argument of :func:`funcnet.fit`; returns the normalised settings."""
     check_layer(net)
     check_loss(loss)
-    if not (callable(getattr(optimizer, "init", None))
-            and callable(getattr(optimizer, "update", None))):
-        raise ArgumentError("optimizer", f"must be an optax.GradientTransformation such as "
-                                         f"optax.adam(1e-3), got {optimizer!r}.")
-    _check_key(key)
+    check_optimizer(optimizer)
+    check_key("key", key)
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ArgumentError("mesh", f"must be a jax.sharding.Mesh such as "
+                                    f"fnet.data_parallel_mesh(), got {mesh!r}.")
     Walk(remat)
     epochs = check_int("epochs", epochs, minimum=1)
     first_epoch = check_int("first_epoch", first_epoch, minimum=0)
@@ -73,15 +75,6 @@ def check_fit(net, loss, optimizer, params, x, y, *, key, epochs, batch_size, ev
     if checkpoint_path is not None:
         _check_checkpoint_path(checkpoint_path)
     return FitPlan(n, batch_size, steps_per_epoch, calls, epochs, first_epoch)
-
-
-def _check_key(key) -> None:
-    dtype = getattr(key, "dtype", None)
-    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    raw = dtype == jnp.uint32 and jnp.shape(key) == (2,)
-    if not ((typed and jnp.shape(key) == ()) or raw):
-        raise ArgumentError("key", f"must be one PRNG key such as jax.random.key(0), got "
-                                   f"{key!r}.")
 
 
 def _check_inputs(argument: str, x) -> int:

@@ -48,6 +48,7 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
     (cached), not by one small program per parameter shape.
     """
     check_not_donated("params", params)
+    check_optimizer(optimizer)
     try:
         return _compiled_init(optimizer)(params)
     except TypeError:  # an unhashable optimizer
@@ -87,12 +88,16 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
         state, value = step(state, x, y)
     """
     check_loss(loss)
+    check_optimizer(optimizer)
     try:
         compiled = _compiled_train_step(net, loss, optimizer, mesh, remat)
     except TypeError:  # an unhashable loss or optimizer: compile without the cache
         compiled = _compiled_train_step.__wrapped__(net, loss, optimizer, mesh, remat)
 
     def step(state: TrainState, x, y):
+        if not isinstance(state, TrainState):
+            raise ArgumentError("state", f"must be a fnet.TrainState (fnet.init_train_state("
+                                         f"params, optimizer)), got {type(state).__name__}.")
         try:
             return compiled(state, x, y)
         except ValueError:  # jax's error for a deleted buffer, said plainly
@@ -100,6 +105,14 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
             raise
 
     return step
+
+
+def check_optimizer(optimizer) -> None:
+    """Refuses anything but an optax.GradientTransformation (init and update callables)."""
+    if not (callable(getattr(optimizer, "init", None))
+            and callable(getattr(optimizer, "update", None))):
+        raise ArgumentError("optimizer", f"must be an optax.GradientTransformation such as "
+                                         f"optax.adam(1e-3), got {optimizer!r}.")
 
 
 def check_not_donated(argument: str, tree) -> None:
