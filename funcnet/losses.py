@@ -30,6 +30,12 @@ def _check_same_shape(name: str, out, y) -> None:
         )
 
 
+def _check_targets_given(name: str, y) -> None:
+    if y is None:
+        raise ArgumentError("y", f"{name}: the targets are None; pass an array with one row "
+                                 f"per example.")
+
+
 def _check_batched(name: str, out) -> None:
     if jnp.ndim(out) < 1:
         raise LayerError(f"{name}: outputs must carry a leading batch axis, got a scalar.")
@@ -122,6 +128,7 @@ def squared_error(out: jax.Array, y: jax.Array) -> jax.Array:
 
     Shapes: out and y both (B, ...), equal. Gradient at out: (out - y) / B.
     """
+    _check_targets_given("squared_error", y)
     _check_batched("squared_error", out)
     _check_same_shape("squared_error", out, y)
     return _batch_mean(0.5 * jnp.square(out - y))
@@ -139,6 +146,7 @@ def logistic(out: jax.Array, y: jax.Array) -> jax.Array:
     A target other than 0 or 1 raises when y is concrete; under ``jax.jit`` that example's
     loss and gradient are NaN.
     """
+    _check_targets_given("logistic", y)
     _check_batched("logistic", out)
     if jnp.ndim(y) == 1 and jnp.ndim(out) == 2 and jnp.shape(out)[1] == 1:
         y = y[:, None]
@@ -164,6 +172,7 @@ def softmax_cross_entropy(out: jax.Array, y: jax.Array) -> jax.Array:
     unseen. Float labels of shape (B,) are refused: labels must be integers.
     """
     name = "softmax_cross_entropy"
+    _check_targets_given(name, y)
     if jnp.ndim(out) != 2:
         raise LayerError(
             f"{name}: outputs must be logits of shape (batch, classes), got "

@@ -218,8 +218,12 @@ def test_containers_keys_and_names_are_checked(setup):
 
 def test_targets_that_are_none_are_named(setup):
     net, params, x, _ = setup
-    _refused("y", lambda: fnet.value_and_grad(net, SE)(params, x, None), "is None")
-    _refused("y", lambda: fnet.per_example_grads(net, SE)(params, x, None), "is None")
+    _refused("y", lambda: fnet.value_and_grad(net, SE)(params, x, None),
+             "squared_error: the targets are None")
+    _refused("y", lambda: fnet.per_example_grads(net, SE)(params, x, None), "are None")
+    # a user loss that takes no targets gets none
+    value, _ = fnet.value_and_grad(net, lambda out, y: jnp.sum(out ** 2))(params, x, None)
+    np.testing.assert_allclose(value, jnp.sum(net.apply(params, x) ** 2), rtol=1e-6)
 
 
 def test_extensions_must_be_a_tuple_of_extension_objects(setup):

@@ -89,9 +89,6 @@ def _params_fit(net: Layer, params, in_shape) -> bool:
 
 def check_target_arrays(y) -> None:
     """Targets are arrays or pytrees of arrays: no Python lists or numbers."""
-    if y is None:
-        raise ArgumentError("y", "is None; pass the targets, an array with one row per "
-                                 "example.")
     if isinstance(y, list) or any(isinstance(leaf, numbers.Number)
                                   for leaf in jax.tree.leaves(y)):
         raise ArgumentError("y", f"holds Python lists or numbers ({type(y).__name__}); pass "

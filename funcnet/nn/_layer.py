@@ -337,10 +337,9 @@ class FunctionLayer(Layer):
             if self.in_dtype is not None:
                 raise
             raise LayerError(
-                f"tracing g on {probe.dtype} inputs of shape "
-                f"{shape_str(probe.shape)} failed ({type(error).__name__}: {error}); if it "
-                f"takes integer inputs such as indices, build the layer with "
-                f"in_dtype=jnp.int32.") from error
+                f"init failed for per-example input shape {shape_str(in_shape)}: {error} (g "
+                f"was traced on {probe.dtype} inputs; if it takes integer inputs such as "
+                f"indices, build the layer with in_dtype=jnp.int32)") from error
         return params, tuple(out.shape[1:])
 
     def apply(self, params, z):

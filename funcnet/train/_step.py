@@ -104,6 +104,7 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
             check_not_donated("state", state)
             raise
 
+    step.lower = compiled.lower  # the jitted program's, for cost and memory analyses
     return step
 
 

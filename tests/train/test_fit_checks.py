@@ -145,15 +145,19 @@ def test_a_state_of_another_optimizer_is_refused():
     _refused("state", "must be a fnet.TrainState", state={"params": params})
 
 
-def test_the_checkpoint_directory_must_exist_and_be_writable(tmp_path):
+def test_the_checkpoint_directory_must_exist_and_be_writable(tmp_path, monkeypatch):
     _refused("checkpoint_path", "does not exist", "os.makedirs",
              checkpoint_path=str(tmp_path / "missing" / "ckpt.npz"))
     _refused("checkpoint_path", "is a directory", checkpoint_path=str(tmp_path))
-    if os.geteuid() != 0:  # root writes anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-        _refused("checkpoint_path", "is not writable", checkpoint_path=str(locked / "c.npz"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    # root writes anywhere, so the permission check is asked as an unprivileged user would
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if os.fspath(path) == str(
+        locked) else real_access(path, mode))
+    _refused("checkpoint_path", f"its directory {locked} is not writable",
+             checkpoint_path=str(locked / "c.npz"))
 
 
 def test_a_mesh_that_does_not_divide_the_batch_is_refused():
