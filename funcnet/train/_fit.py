@@ -27,7 +27,7 @@ from funcnet._caches import bounded_cache
 from funcnet._errors import ArgumentError
 from funcnet.ad._reverse import Loss
 from funcnet.nn._layer import Layer
-from funcnet.train._metrics import evaluate
+from funcnet.train._metrics import measure
 from funcnet.train._fingerprint import differences, fingerprint
 from funcnet.train._fit_checks import check_fit
 from funcnet.train._parallel import replicated, shard_batch
@@ -247,8 +247,8 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
             row = {"epoch": epoch, "step": done, "train_loss": epoch_sum / steps_per_epoch,
                    "time": time.perf_counter() - start}
             if eval_data is not None:
-                metrics = evaluate(net, loss, jax.device_get(state.params) if mesh else state.params,
-                                   *eval_data)
+                metrics = measure(net, loss, jax.device_get(state.params) if mesh else state.params,
+                                  *eval_data)  # (eval_data was checked before the first step)
                 row.update({f"eval_{name}": value for name, value in metrics.items()})
             epoch_rows.append(row)
             if checkpoint_path is not None:
@@ -270,15 +270,17 @@ class _Verified:
         self.state, self.step, self.checkpoint = state, step, checkpoint
 
     def update(self, state, step: int) -> None:
-        """Keeps a copy of ``state`` when its params are all finite (one reduction)."""
-        if bool(_all_finite(state.params)):
-            self.state, self.step = owned_copy(state), step
+        """Keeps a copy of ``state`` when its params are all finite (one compiled call)."""
+        copy, finite = _snapshot(state)
+        if bool(finite):
+            self.state, self.step = copy, step
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
-                               or [True]))
+def _snapshot(state):
+    """(a copy of ``state`` in new buffers, whether its params are all finite)."""
+    finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(state.params)]
+    return jax.tree.map(jnp.copy, state), jnp.all(jnp.asarray(finite or [True]))
 
 
 class _NoBar:

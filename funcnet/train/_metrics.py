@@ -46,9 +46,17 @@ def evaluate(net: Layer, loss: Loss, params, x, y,
     check_loss(loss)
     out_shape = check_batch(net, params, x)
     check_targets(output_struct(params, x, out_shape), y, loss)
+    if with_accuracy is not None:
+        check_bool("with_accuracy", with_accuracy)
+    return measure(net, loss, params, x, y, with_accuracy)
+
+
+def measure(net: Layer, loss: Loss, params, x, y,
+            with_accuracy: Optional[bool] = None) -> Dict[str, float]:
+    """:func:`evaluate` without its checks, for callers that made them once (fit, every
+    epoch on the same eval_data)."""
     if with_accuracy is None:
         with_accuracy = loss in _CLASSIFICATION_LOSSES
-    check_bool("with_accuracy", with_accuracy)
     loss_value, acc = _evaluate_jit(net, loss, bool(with_accuracy), params, x, y)
     result = {"loss": float(loss_value)}
     if with_accuracy:
