@@ -13,14 +13,15 @@ from funcnet import atomic, checkpoint, data, losses
 from funcnet._caches import clear_caches
 from funcnet._errors import ArgumentError, LayerError
 from funcnet.ad import (Backprop, GradCheckReport, GradientCheckError, JacobianPlan, LayerCheck,
-                        backprop, check_grads, extensions, grad, jacobian, jacobian_plan, jvp,
-                        layer_jacobians, per_example_grads, value_and_grad, vjp)
+                        backprop, check_grads, clipped_value_and_grad, extensions, grad,
+                        jacobian, jacobian_plan, jvp, layer_jacobians, per_example_grad_norms,
+                        per_example_grads, value_and_grad, vjp)
 from funcnet.nn import (Chain, Dense, Layer, Repeat, Residual, Summary, chain, dense, flatten,
                         gelu, identity, layer, leaky_relu, relu, repeat, residual, sigmoid,
                         softplus, summary, tanh)
-from funcnet.train import (FitResult, History, TrainingError, TrainState, accuracy,
-                           data_parallel_mesh, evaluate, fit, init_train_state, shard_batch,
-                           train_step)
+from funcnet.train import (DPSGD, FitResult, History, TrainingError, TrainState, accuracy,
+                           data_parallel_mesh, dp_sgd, evaluate, fit, init_train_state,
+                           privacy_spent, shard_batch, train_step)
 
 __version__ = "0.1.0"
 
@@ -28,12 +29,14 @@ __version__ = "0.1.0"
 # here for isinstance checks; help(funcnet.nn) documents them. __all__ lists the contract.
 
 __all__ = [
-    "accuracy", "ArgumentError", "atomic", "Backprop", "backprop", "chain", "check_grads",
-    "checkpoint", "clear_caches", "data", "data_parallel_mesh", "dense", "evaluate",
-    "extensions", "fit", "FitResult", "flatten", "gelu", "grad", "GradCheckReport",
-    "GradientCheckError", "History", "identity", "init_train_state", "jacobian",
-    "jacobian_plan", "JacobianPlan", "jvp", "Layer", "layer", "layer_jacobians", "LayerCheck",
-    "LayerError", "leaky_relu", "losses", "per_example_grads", "relu", "repeat",
-    "residual", "shard_batch", "sigmoid", "softplus", "Summary", "summary", "tanh",
-    "train_step", "TrainingError", "TrainState", "value_and_grad", "vjp",
+    "accuracy", "ArgumentError", "atomic", "Backprop", "backprop", "chain",
+    "check_grads", "checkpoint", "clear_caches", "clipped_value_and_grad", "data",
+    "data_parallel_mesh", "dense", "dp_sgd", "DPSGD", "evaluate", "extensions", "fit",
+    "FitResult", "flatten", "gelu", "grad", "GradCheckReport", "GradientCheckError",
+    "History", "identity", "init_train_state", "jacobian", "jacobian_plan",
+    "JacobianPlan", "jvp", "Layer", "layer", "layer_jacobians", "LayerCheck",
+    "LayerError", "leaky_relu", "losses", "per_example_grad_norms", "per_example_grads",
+    "privacy_spent", "relu", "repeat", "residual", "shard_batch", "sigmoid", "softplus",
+    "Summary", "summary", "tanh", "train_step", "TrainingError", "TrainState",
+    "value_and_grad", "vjp",
 ]

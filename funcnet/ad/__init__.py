@@ -12,12 +12,13 @@ from funcnet.ad._accumulation import JacobianPlan
 from funcnet.ad._check_grads import GradCheckReport, GradientCheckError, LayerCheck, check_grads
 from funcnet.ad._forward import jvp
 from funcnet.ad._jacobians import jacobian, jacobian_plan, layer_jacobians
-from funcnet.ad._per_example import per_example_grads
+from funcnet.ad._per_example import (clipped_value_and_grad, per_example_grad_norms,
+                                     per_example_grads)
 from funcnet.ad._policies import REMAT_POLICIES
 from funcnet.ad._reverse import Backprop, backprop, grad, value_and_grad, vjp
 
 __all__ = [
-    "Backprop", "backprop", "check_grads", "extensions", "grad", "GradCheckReport",
+    "Backprop", "backprop", "check_grads", "clipped_value_and_grad", "extensions", "grad", "GradCheckReport",
     "GradientCheckError", "jacobian", "jacobian_plan", "JacobianPlan", "jvp", "LayerCheck",
-    "layer_jacobians", "per_example_grads", "REMAT_POLICIES", "value_and_grad", "vjp",
+    "layer_jacobians", "per_example_grad_norms", "per_example_grads", "REMAT_POLICIES", "value_and_grad", "vjp",
 ]

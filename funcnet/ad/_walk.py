@@ -278,22 +278,24 @@ def leaf_step(leaf: Leaf, q, walk: Walk) -> Down:
     """THE backward step of leaf layer i: p_i = A_i^T q_{i+1}, q_i = B_i^T q_{i+1} from its
     pullback, and every extension's share from the same (w_i, z_i, q_{i+1}, pullback)."""
     p, q_in = leaf.pullback(q)
-    context = LeafContext(leaf.layer, leaf.params, leaf.z, q, leaf.pullback)
+    context = LeafContext(leaf.layer, leaf.params, leaf.z, q, leaf.pullback, p)
     return Down(p, q_in, tuple(_at_leaf(extension, context) for extension in walk.extensions))
 
 
 def _at_leaf(extension: Extension, context: LeafContext):
+    if not context.has_params:  # nothing to say about a parameterless layer
+        return context.params
     if _compiled.is_concrete(context.params, context.z, context.q):
         return _compiled_at_leaf(extension, context.layer)(
-            context.params, context.z, context.q, context.pullback)
+            context.params, context.z, context.q, context.pullback, context.grads)
     return extension.at_leaf(context)
 
 
 @bounded_cache(maxsize=1024)
 def _compiled_at_leaf(extension: Extension, layer: Layer):
     """An extension's rule at one layer, compiled (for calls without jit)."""
-    return jax.jit(lambda params, z, q, pullback:
-                   extension.at_leaf(LeafContext(layer, params, z, q, pullback)))
+    return jax.jit(lambda params, z, q, pullback, grads:
+                   extension.at_leaf(LeafContext(layer, params, z, q, pullback, grads)))
 
 
 def walk_down(node, q, walk: Walk) -> Down:
@@ -346,16 +348,21 @@ def _per_extension(shares, count: int) -> Tuple[Any, ...]:
 
 
 def _copies_last(walk: Walk, extensions, copy_axes: int = 1):
-    """Extension results stacked over a repeat's copies, copy axes first, into the params'
-    layout: a batched result (n, B, ...) becomes (B, n, ...). With ``copy_axes=2`` the
-    copies come as (count, size) segments, merged into one axis of n = count * size."""
-    def params_layout(batched, a):
-        if batched:
+    """Extension results over a repeat's copies, copy axes first, into the params' layout.
+
+    ``copies == "stack"``: a batched result (n, B, ...) becomes (B, n, ...), like the
+    stacked params; ``"sum"``: the copies are added, (n, B) -> (B,). With ``copy_axes=2``
+    the copies come as (count, size) segments, merged into one axis of n = count * size.
+    """
+    def params_layout(extension, a):
+        if extension.copies == "sum":
+            return jnp.sum(a, axis=tuple(range(copy_axes)))
+        if extension.batched:
             a = jnp.moveaxis(a, copy_axes, 0)  # the batch axis first
-        start = 1 if batched else 0
+        start = 1 if extension.batched else 0
         return a.reshape(a.shape[:start] + (-1,) + a.shape[start + copy_axes:])
 
-    return tuple(jax.tree.map(functools.partial(params_layout, extension.batched), tree)
+    return tuple(jax.tree.map(functools.partial(params_layout, extension), tree)
                  for extension, tree in zip(walk.extensions, extensions))
 
 
@@ -434,15 +441,25 @@ def _walk_scan_segments(node: ScanSegments, q, walk: Walk) -> Down:
     def segment_step(q_next, inputs):
         w_segment, z_in, q_next = barrier(inputs + (q_next,))
         down = walk_down(_record_repeat(segment, w_segment, z_in, inner_walk)[1], q_next, walk)
-        extensions = tuple(  # copies first again, (size, B, ...), for the outer scan
-            jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), tree) if extension.batched else tree
-            for extension, tree in zip(walk.extensions, down.extensions))
+        extensions = tuple(_copies_first(extension, tree)
+                           for extension, tree in zip(walk.extensions, down.extensions))
         return down.q, (down.grads, extensions)
 
     q, (grads, extensions) = jax.lax.scan(segment_step, q, (node.segments, node.inputs),
                                           reverse=True, length=count)
     grads = jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), grads)
     return Down(grads, q, _copies_last(walk, extensions, copy_axes=2))
+
+
+def _copies_first(extension: Extension, tree):
+    """A segment's result laid out (size, ...) again for the outer scan over segments:
+    a batched stacked one (B, size, ...) as (size, B, ...); a summed one (already added
+    over the segment's copies) with a copy axis of 1."""
+    if extension.copies == "sum":
+        return jax.tree.map(lambda a: a[None], tree)
+    if extension.batched:
+        return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), tree)
+    return tree
 
 
 def _walk_scan_recompute(node: ScanRecompute, q, walk: Walk) -> Down:

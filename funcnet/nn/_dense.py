@@ -1,4 +1,5 @@
-"""The affine layer z @ w + b, with its closed-form FLOPs and per-example gradients."""
+"""The affine layer z @ w + b, with its closed-form FLOPs and per-example rules (gradients,
+their squared norms and sums of squares) for the extensions."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ from funcnet._arguments import check_bool, check_int, check_shape
 from funcnet._errors import LayerError, shape_str
 from funcnet.nn._layer import Layer
 
+_EXACT = jax.lax.Precision.HIGHEST  # per-example products in full precision on every backend
+
+
+def _rows(layer: "Dense", z, q):
+    """z as (B, T, fan_in) and q as (B, T, out): any extra per-example axes flattened into
+    T (T = 1 for vector inputs)."""
+    batch, fan_in = z.shape[0], z.shape[-1]
+    return z.reshape(batch, -1, fan_in), q.reshape(batch, -1, layer.out_features)
+
 
 def _per_example_grads(layer: "Dense", params, z, q):
     """A_b^T q_b for every example b, without a per-example vjp.
@@ -21,14 +31,59 @@ def _per_example_grads(layer: "Dense", params, z, q):
     are flattened into T) and q_b of shape (T, out): dw_b = z_b^T q_b (fan_in, out) and
     db_b = sum_t q_b[t] (out,). Leaves (B, *leaf shape); their sum over b is p_i.
     """
-    batch, fan_in = z.shape[0], z.shape[-1]
-    z_rows = z.reshape(batch, -1, fan_in)
-    q_rows = q.reshape(batch, -1, layer.out_features)
-    grads = {"w": jnp.einsum("bti,bto->bio", z_rows, q_rows,
-                             precision=jax.lax.Precision.HIGHEST)}
+    z_rows, q_rows = _rows(layer, z, q)
+    grads = {"w": jnp.einsum("bti,bto->bio", z_rows, q_rows, precision=_EXACT)}
     if layer.bias:
         grads["b"] = jnp.sum(q_rows, axis=1)
     return grads
+
+
+
+def uses_gram(steps: int, fan_in: int, out: int) -> bool:
+    """Whether ||z_b^T q_b||^2 is cheaper through the Gram matrices (2 T^2 < fan_in out)
+    than by forming z_b^T q_b: the Gram form costs about T^2 (fan_in + out) multiply-adds
+    per example against T fan_in out for the product (plus fan_in out to square it)."""
+    return 2 * steps * steps < fan_in * out
+
+
+def _per_example_sq_norms(layer: "Dense", params, z, q):
+    """||A_b^T q_b||^2 per params leaf, (B,), without forming A_b^T q_b for vectors.
+
+    Vector inputs (T = 1): ||z_b q_b^T||_F^2 = ||z_b||^2 ||q_b||^2 (Goodfellow, 2015).
+    Sequences (T > 1, z_b (T, fan_in), q_b (T, out)): the Gram form
+    ||z_b^T q_b||_F^2 = <z_b z_b^T, q_b q_b^T> when :func:`uses_gram` says it is
+    cheaper, else z_b^T q_b formed and squared. Bias: ||sum_t q_b[t]||^2.
+    """
+    z_rows, q_rows = _rows(layer, z, q)
+    steps, fan_in = z_rows.shape[1], z_rows.shape[2]
+    if steps == 1:
+        w = jnp.sum(jnp.square(z_rows[:, 0]), axis=1) * jnp.sum(jnp.square(q_rows[:, 0]), axis=1)
+    elif uses_gram(steps, fan_in, layer.out_features):
+        z_gram = jnp.einsum("bti,bsi->bts", z_rows, z_rows, precision=_EXACT)
+        q_gram = jnp.einsum("bto,bso->bts", q_rows, q_rows, precision=_EXACT)
+        w = jnp.sum(z_gram * q_gram, axis=(1, 2))
+    else:
+        grads = jnp.einsum("bti,bto->bio", z_rows, q_rows, precision=_EXACT)
+        w = jnp.sum(jnp.square(grads), axis=(1, 2))
+    norms = {"w": w}
+    if layer.bias:
+        norms["b"] = jnp.sum(jnp.square(jnp.sum(q_rows, axis=1)), axis=1)
+    return norms
+
+
+def _sum_of_squares(layer: "Dense", params, z, q):
+    """sum_b (A_b^T q_b)^2 entrywise, like params: for vector inputs (Z^2)^T (Q^2) and
+    sum_b q_b^2, one matrix product; for sequences the A_b^T q_b are formed and squared."""
+    z_rows, q_rows = _rows(layer, z, q)
+    if z_rows.shape[1] == 1:
+        w = jnp.einsum("bi,bo->io", jnp.square(z_rows[:, 0]), jnp.square(q_rows[:, 0]),
+                       precision=_EXACT)
+        squares = {"w": w}
+        if layer.bias:
+            squares["b"] = jnp.sum(jnp.square(q_rows[:, 0]), axis=0)
+        return squares
+    return jax.tree.map(lambda a: jnp.sum(jnp.square(a), axis=0),
+                        _per_example_grads(layer, params, z, q))
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -49,7 +104,9 @@ class Dense(Layer):
     bias: bool = True
 
     repeat_keeps: ClassVar[str] = "input"
-    rules: ClassVar = (("per_example_grads", _per_example_grads),)
+    rules: ClassVar = (("per_example_grads", _per_example_grads),
+                       ("per_example_sq_norms", _per_example_sq_norms),
+                       ("sum_of_squares", _sum_of_squares))
 
     def __post_init__(self):
         # numpy integers and bools are normalised, so equal layers hash equal

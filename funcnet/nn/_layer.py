@@ -148,8 +148,15 @@ class Layer:
         A rule is ``fn(layer, params, z, q) -> result`` for a batch z = z_i (B, *in_shape)
         and the output cotangent q = q_{i+1} (B, *out_shape). Quantities asked for today:
 
-        - ``"per_example_grads"``: the per-example parameter pullbacks A_b^T q_b, a pytree
-          like params with a leading batch axis (B, *leaf shape); their sum over b is p_i.
+        - ``"per_example_grads"``: the per-example parameter pullbacks a_b = A_b^T q_b, a
+          pytree like params with a leading batch axis (B, *leaf shape); their sum over b
+          is p_i;
+        - ``"per_example_sq_norms"``: ||a_b||^2 summed over each params leaf, leaves (B,);
+        - ``"sum_of_squares"``: sum_b a_b^2 entrywise, leaves like params.
+
+        The last two default to squaring ``"per_example_grads"``; a rule that gives them
+        without forming a_b (dense: ||z_b||^2 ||q_b||^2 and (Z^2)^T (Q^2)) saves the
+        (B, *leaf shape) arrays.
         """
         return dict(self.rules).get(quantity)
 

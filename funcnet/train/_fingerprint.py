@@ -3,7 +3,8 @@
 fit stores it in every checkpoint's metadata and compares it when it resumes, so that a
 checkpoint is never continued under other settings (which would silently train a
 different run than the one asked for). Compared: the number of training examples, the
-batch size, the shuffling key, the optimizer and the last epoch of the run.
+batch size, the shuffling key, the optimizer, the last epoch of the run and its DP-SGD
+settings.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import numpy as np
 _DEPTH = 8
 
 
-def fingerprint(*, optimizer, key, batch_size: int, examples: int,
-                last_epoch: int) -> Dict[str, Any]:
+def fingerprint(*, optimizer, key, batch_size: int, examples: int, last_epoch: int,
+                privacy=None) -> Dict[str, Any]:
     """The JSON-serialisable fingerprint of a fit run."""
     return {"examples": int(examples), "batch_size": int(batch_size),
             "key": key_words(key), "optimizer": describe_optimizer(optimizer),
-            "last_epoch": int(last_epoch)}
+            "last_epoch": int(last_epoch), "privacy": repr(privacy)}
 
 
 def key_words(key) -> List[int]:
@@ -67,7 +68,8 @@ def _describe(value, depth: int) -> str:
 
 
 _LABELS = {"examples": "training examples", "batch_size": "batch_size", "key": "key",
-           "optimizer": "optimizer", "last_epoch": "last epoch (first_epoch + epochs - 1)"}
+           "optimizer": "optimizer", "last_epoch": "last epoch (first_epoch + epochs - 1)",
+           "privacy": "privacy"}
 
 
 def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:

@@ -31,7 +31,10 @@ from funcnet.train._metrics import measure
 from funcnet.train._fingerprint import differences, fingerprint
 from funcnet.train._fit_checks import check_fit
 from funcnet.train._parallel import replicated, shard_batch
-from funcnet.train._step import TrainState, init_train_state, owned_copy, step_fn, train_step
+from funcnet.train._privacy import (DPSGD, poisson_masks, poisson_sample, private_step,
+                                    privacy_spent, zeros_like_tree)
+from funcnet.train._state import TrainState, init_train_state, owned_copy
+from funcnet.train._step import step_fn, train_step
 
 
 class TrainingError(RuntimeError):
@@ -120,7 +123,8 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         first_epoch: int = 0, progress: Optional[bool] = None, mesh: Optional[Mesh] = None,
         checkpoint_path: Optional[str] = None, remat: str = "keep",
         steps_per_call: Union[int, str] = 1,
-        on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> FitResult:
+        on_epoch_end: Optional[Callable[[int, TrainState], None]] = None,
+        privacy: Optional[DPSGD] = None) -> FitResult:
     """Trains ``net`` on (x, y) for ``epochs`` epochs of shuffled mini-batches.
 
     Every argument is checked before the first step (:mod:`funcnet.train._fit_checks`):
@@ -166,6 +170,16 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         host transfers out of the loop, which is what bounds small networks; the
         numbers are the same steps. Not combined with ``mesh``.
       on_epoch_end: called as ``on_epoch_end(epoch, state)`` after each epoch.
+      privacy: DP-SGD (:func:`funcnet.dp_sgd`): every step takes a Poisson sample (each
+        example in with probability q = batch_size / n, independently, drawn from
+        ``key``), clips each sampled example's gradient to ``max_norm``, adds Gaussian
+        noise of standard deviation ``noise_multiplier * max_norm`` to the clipped sum
+        and divides by the expected batch size ``batch_size``; an epoch is n //
+        batch_size such steps. The sample runs in chunks of ``batch_size`` examples
+        (padding masked out, nothing truncated), so every step compiles to the same
+        shapes. Each epoch's history row gains ``epsilon`` and ``delta``: the privacy
+        spent so far, by dp-accounting's RDP accountant for Poisson sampling. Not
+        combined with ``mesh`` or ``steps_per_call > 1``.
 
     Returns:
       :class:`FitResult` with the final state and the :class:`History`.
@@ -181,18 +195,22 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                      batch_size=batch_size, eval_data=eval_data, state=state,
                      first_epoch=first_epoch, progress=progress, mesh=mesh,
                      checkpoint_path=checkpoint_path, remat=remat,
-                     steps_per_call=steps_per_call, on_epoch_end=on_epoch_end)
+                     steps_per_call=steps_per_call, on_epoch_end=on_epoch_end,
+                     privacy=privacy)
     n, batch_size, steps_per_epoch = plan.examples, plan.batch_size, plan.steps_per_epoch
     first_epoch, last_epoch = plan.first_epoch, plan.first_epoch + plan.epochs - 1
     bar = _progress_bar(progress)  # (checked now; shown from the first step)
     run = fingerprint(optimizer=optimizer, key=key, batch_size=batch_size, examples=n,
-                      last_epoch=last_epoch)
+                      last_epoch=last_epoch, privacy=privacy)
     # the state fit owns: a copy, so that donating it never consumes the caller's arrays
     state = init_train_state(params, optimizer) if state is None else owned_copy(state)
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         state, key, first_epoch = _resume(checkpoint_path, state, key, run, last_epoch)
     epochs = max(0, last_epoch - first_epoch + 1)
-    if mesh is None:
+    if privacy is not None:
+        x, y = _on_device(x), jax.tree.map(_on_device, y)
+        step = _private_fit_step(net, loss, optimizer, privacy, remat, x, y, batch_size)
+    elif mesh is None:
         x, y = _on_device(x), jax.tree.map(_on_device, y)
 
         def step(state, batches, start, count):
@@ -222,7 +240,11 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         for epoch in range(first_epoch, first_epoch + epochs):
-            batches = _epoch_batches(key, epoch, n, steps_per_epoch, batch_size)
+            if privacy is not None:  # (Poisson samples on the host, the epoch's noise key)
+                masks, noise_key = poisson_masks(key, epoch, steps_per_epoch, n, batch_size / n)
+                batches = (np.asarray(masks), noise_key)
+            else:
+                batches = _epoch_batches(key, epoch, n, steps_per_epoch, batch_size)
             if mesh is not None:
                 batches = np.asarray(batches)  # gathered on the host, then split over the mesh
             pending: List[jax.Array] = []
@@ -246,6 +268,9 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                     pending, waiting = [], 0
             row = {"epoch": epoch, "step": done, "train_loss": epoch_sum / steps_per_epoch,
                    "time": time.perf_counter() - start}
+            if privacy is not None:
+                row["epsilon"] = privacy_spent(privacy, batch_size / n, done)
+                row["delta"] = privacy.delta
             if eval_data is not None:
                 metrics = measure(net, loss, jax.device_get(state.params) if mesh else state.params,
                                   *eval_data)  # (eval_data was checked before the first step)
@@ -260,6 +285,25 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     bar.close()
     history = History(np.concatenate(step_losses) if step_losses else np.zeros((0,)), epoch_rows)
     return FitResult(state, history)
+
+
+def _private_fit_step(net, loss, optimizer, privacy: DPSGD, remat, x, y, chunk: int):
+    """fit's ``step(state, (masks, noise_key), t, 1)`` for DP-SGD: step t's Poisson sample
+    (row t of the masks) in chunks of ``chunk`` examples through the compiled
+    accumulate, then the noised update (denominator: the expected batch size)."""
+    accumulate, update = private_step(net, loss, optimizer, privacy, remat)
+
+    def step(state, batches, start, count):
+        masks, noise_key = batches
+        indices, weights, sampled = poisson_sample(masks[start], chunk)
+        total, loss_total = zeros_like_tree(state.params), jnp.zeros((), jnp.float32)
+        for begin in range(0, len(indices), chunk):
+            total, loss_total = accumulate(state.params, x, y, indices[begin:begin + chunk],
+                                           weights[begin:begin + chunk], total, loss_total)
+        return update(state, total, loss_total, sampled, jax.random.fold_in(noise_key, start),
+                      chunk)
+
+    return step
 
 
 class _Verified:

@@ -22,7 +22,8 @@ from funcnet._errors import ArgumentError, LayerError, shape_str
 from funcnet.ad._inputs import check_layer, check_loss, check_targets, output_struct
 from funcnet.ad._walk import Walk
 from funcnet.train._parallel import check_divisible
-from funcnet.train._step import TrainState, check_not_donated, check_optimizer
+from funcnet.train._privacy import check_privacy
+from funcnet.train._state import TrainState, check_not_donated, check_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ class FitPlan:
 
 def check_fit(net, loss, optimizer, params, x, y, *, key, epochs, batch_size, eval_data,
               state, first_epoch, progress, mesh, checkpoint_path, remat, steps_per_call,
-              on_epoch_end) -> FitPlan:
+              on_epoch_end, privacy=None) -> FitPlan:
     """Checks every argument of :func:`funcnet.fit`; returns the normalised settings."""
     check_layer(net)
     check_loss(loss)
@@ -65,6 +66,11 @@ def check_fit(net, loss, optimizer, params, x, y, *, key, epochs, batch_size, ev
                                           f"steps.")
     steps_per_epoch = n // batch_size
     calls = _check_steps_per_call(steps_per_call, steps_per_epoch, mesh)
+    if privacy is not None:
+        check_privacy(privacy)
+        if mesh is not None or calls > 1:
+            raise ArgumentError("privacy", "DP-SGD runs one Poisson-sampled step per call on "
+                                           "one device: leave mesh=None and steps_per_call=1.")
     if mesh is not None:
         check_divisible(mesh, batch_size)
     params = _check_state(net, optimizer, params, state, x)

@@ -11,12 +11,9 @@ compiles to (tested by XLA's FLOP count).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any, Optional
+from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -26,53 +23,13 @@ from funcnet.ad._inputs import check_loss
 from funcnet.ad._reverse import Loss, value_and_grad
 from funcnet.nn._layer import Layer
 from funcnet.train._parallel import batch_sharded, replicated
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["params", "opt_state", "step"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """What a step reads and writes: params w, optimizer state s, and the step count
-    (a pytree)."""
-
-    params: Any
-    opt_state: Any
-    step: jax.Array
-
-
-def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-    """A fresh :class:`TrainState` at step 0 holding its own copy of ``params``.
-
-    The copy is what lets :func:`train_step` donate the state's buffers without
-    invalidating the caller's ``params``. Built by one compiled program per optimizer
-    (cached), not by one small program per parameter shape.
-    """
-    check_not_donated("params", params)
-    check_optimizer(optimizer)
-    try:
-        return _compiled_init(optimizer)(params)
-    except TypeError:  # an unhashable optimizer
-        return _compiled_init.__wrapped__(optimizer)(params)
-
-
-@jax.jit
-def owned_copy(tree):
-    """A copy of ``tree`` in new buffers (one compiled program per tree layout), which a
-    donating step may consume without touching the caller's arrays."""
-    return jax.tree.map(jnp.copy, tree)
-
-
-@bounded_cache(maxsize=64)
-def _compiled_init(optimizer):
-    def init(params):
-        params = jax.tree.map(jnp.copy, params)
-        return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-
-    return jax.jit(init)
+from funcnet.train._privacy import DPSGD, check_privacy, private_train_step
+from funcnet.train._state import TrainState, check_not_donated, check_optimizer
 
 
 def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
-               mesh: Optional[Mesh] = None, remat: str = "keep"):
+               mesh: Optional[Mesh] = None, remat: str = "keep",
+               privacy: Optional[DPSGD] = None):
     """A jitted ``step(state, x, y) -> (state, loss value)``, state buffers donated.
 
     The donated ``state`` must not be used after the call (its buffers are reused for the
@@ -86,9 +43,21 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
         step = fnet.train_step(net, fnet.losses.softmax_cross_entropy, optax.adam(1e-3))
         state = fnet.init_train_state(params, optax.adam(1e-3))
         state, value = step(state, x, y)
+
+    With ``privacy=fnet.dp_sgd(max_norm, noise_multiplier)`` the step is DP-SGD on the
+    batch given: ``step(state, x, y, key)`` clips every example's gradient to max_norm,
+    adds Gaussian noise of standard deviation noise_multiplier * max_norm drawn from
+    ``key`` to the clipped sum and divides by the batch size; the sampling of the
+    batches, and so the privacy accounting (:func:`funcnet.privacy_spent` for Poisson
+    sampling), are the caller's. :func:`funcnet.fit` with ``privacy`` does both.
     """
     check_loss(loss)
     check_optimizer(optimizer)
+    if privacy is not None:
+        check_privacy(privacy)
+        if mesh is not None:
+            raise ArgumentError("privacy", "DP-SGD steps run on one device: leave mesh=None.")
+        return private_train_step(net, loss, optimizer, privacy, remat)
     try:
         compiled = _compiled_train_step(net, loss, optimizer, mesh, remat)
     except TypeError:  # an unhashable loss or optimizer: compile without the cache
@@ -106,25 +75,6 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
 
     step.lower = compiled.lower  # the jitted program's, for cost and memory analyses
     return step
-
-
-def check_optimizer(optimizer) -> None:
-    """Refuses anything but an optax.GradientTransformation (init and update callables)."""
-    if not (callable(getattr(optimizer, "init", None))
-            and callable(getattr(optimizer, "update", None))):
-        raise ArgumentError("optimizer", f"must be an optax.GradientTransformation such as "
-                                         f"optax.adam(1e-3), got {optimizer!r}.")
-
-
-def check_not_donated(argument: str, tree) -> None:
-    """Raises ArgumentError when an array of ``tree`` was donated to an earlier step (its
-    buffer now belongs to that step's result)."""
-    if any(isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
-           and leaf.is_deleted() for leaf in jax.tree.leaves(tree)):
-        raise ArgumentError(
-            argument, "was donated to an earlier train step, which reused its buffers for "
-                      "the state it returned; pass that returned state instead (state, loss "
-                      "= step(state, x, y)), or a FitResult's .state.")
 
 
 @bounded_cache(maxsize=64)

@@ -25,7 +25,8 @@ import pytest
 import funcnet as fnet
 from exactness import assert_close, random_params
 from funcnet.nn._layer import abstract_init
-from funcnet.train._step import TrainState, step_fn
+from funcnet.train._state import TrainState
+from funcnet.train._step import step_fn
 
 PACKAGE = Path(fnet.__file__).resolve().parent
 LOSS = fnet.losses.squared_error

@@ -7,5 +7,9 @@ for the protocol a new extension implements.
 
 from funcnet.ad.extensions._base import Extension, LeafContext
 from funcnet.ad.extensions._batch_grad import BatchGrad, batch_grad
+from funcnet.ad.extensions._batch_l2 import BatchL2, batch_l2
+from funcnet.ad.extensions._second_moment import SecondMoment, second_moment
+from funcnet.ad.extensions._variance import Variance, variance
 
-__all__ = ["BatchGrad", "batch_grad", "Extension", "LeafContext"]
+__all__ = ["BatchGrad", "batch_grad", "BatchL2", "batch_l2", "Extension", "LeafContext",
+           "SecondMoment", "second_moment", "Variance", "variance"]

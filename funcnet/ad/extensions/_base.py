@@ -29,6 +29,7 @@ import dataclasses
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from funcnet.nn._layer import Layer
 
@@ -42,6 +43,8 @@ class LeafContext(NamedTuple):
       z: z_i, the layer's input, (B, *in_shape).
       q: q_{i+1}, the cotangent of the batch loss at the layer's output, (B, *out_shape).
       pullback: ``pullback(q) -> (A_i^T q, B_i^T q)`` at (w_i, z_i), summed over the batch.
+      grads: p_i = A_i^T q_{i+1}, the layer's gradient (like ``params``), which the walk
+        has already computed.
     """
 
     layer: Layer
@@ -49,22 +52,33 @@ class LeafContext(NamedTuple):
     z: jax.Array
     q: jax.Array
     pullback: Callable
+    grads: Any = None
 
     @property
     def batch_size(self) -> int:
-        return self.z.shape[0]
+        return self.q.shape[0]
+
+    @property
+    def has_params(self) -> bool:
+        """False for a parameterless layer, whose share of every quantity is ``()``."""
+        return bool(jax.tree.leaves(self.params))
 
 
 @dataclasses.dataclass(frozen=True)
 class Extension:
     """A quantity computed alongside p_i and q_i by the backward walk.
 
-    Subclasses set ``name`` (the key in ``record.extensions``) and ``batched`` (whether
-    every result leaf carries a leading batch axis) and implement :meth:`at_leaf`.
+    Subclasses set ``name`` (the key in ``record.extensions``), ``batched`` (whether
+    every result leaf carries a leading batch axis) and ``copies`` (how the copies of a
+    repeat combine) and implement :meth:`at_leaf`.
     """
 
     name: ClassVar[str] = "extension"
     batched: ClassVar[bool] = False
+    #: How a repeat's copies combine, whose params are stacked along a leading copy axis:
+    #: ``"stack"`` (the shares stacked like the params: quantities per parameter entry)
+    #: or ``"sum"`` (added: quantities per parameter LEAF, such as a squared norm over it).
+    copies: ClassVar[str] = "stack"
 
     def at_leaf(self, context: LeafContext) -> Any:
         """This leaf layer's share: a pytree like ``context.params`` (leaves prefixed by
@@ -85,7 +99,27 @@ def per_example_grads_generic(layer: Layer, params, z, q):
 
 
 def per_example_grads(context: LeafContext):
-    """A_b^T q_b per example: the layer's own rule when it brings one
+    """a_b = A_b^T q_b per example: the layer's own rule when it brings one
     (``layer.rule("per_example_grads")``), else :func:`per_example_grads_generic`."""
     rule = context.layer.rule("per_example_grads") or per_example_grads_generic
     return rule(context.layer, context.params, context.z, context.q)
+
+
+def per_example_sq_norms(context: LeafContext):
+    """||a_b||^2 over each params leaf, leaves (B,): the layer's rule
+    (``"per_example_sq_norms"``, e.g. dense's ||z_b||^2 ||q_b||^2 without a_b) or the
+    squares of :func:`per_example_grads` summed."""
+    rule = context.layer.rule("per_example_sq_norms")
+    if rule is not None:
+        return rule(context.layer, context.params, context.z, context.q)
+    return jax.tree.map(lambda a: jnp.sum(jnp.square(a).reshape(a.shape[0], -1), axis=1),
+                        per_example_grads(context))
+
+
+def sum_of_squares(context: LeafContext):
+    """sum_b a_b^2 entrywise, leaves like params: the layer's rule (``"sum_of_squares"``,
+    e.g. dense's (Z^2)^T (Q^2)) or the squares of :func:`per_example_grads` summed."""
+    rule = context.layer.rule("sum_of_squares")
+    if rule is not None:
+        return rule(context.layer, context.params, context.z, context.q)
+    return jax.tree.map(lambda a: jnp.sum(jnp.square(a), axis=0), per_example_grads(context))

@@ -1,0 +1,799 @@
+"""Per-example gradient quantities: funcnet's one-walk extensions against vmap(jax.grad),
+BackPACK, Opacus and jax-privacy.
+
+What is measured, for an MLP of dense + relu hidden layers and a softmax cross-entropy on
+10 classes with integer labels, float32, on the CPU, every contender on the SAME weights
+(funcnet's params, copied into PyTorch's layout) and the same batch:
+
+- per-example gradient norms ||g_b|| (g_b: the gradient of example b's own loss):
+  ``fnet.per_example_grad_norms`` (one backward walk, dense layers' ||z_b||^2 ||q_b||^2,
+  no g_b formed) against the plain-JAX way, ``jax.vmap(jax.grad(example loss))`` and
+  the norms of the per-example gradients, and BackPACK's ``BatchL2Grad`` alone;
+- the clipped mean gradient of DP-SGD, mean_b g_b min(1, C / ||g_b||) (before noise),
+  with the clipping norm C = the median ||g_b|| of the batch (half the examples clipped):
+  ``fnet.clipped_value_and_grad`` against a vmap clipped gradient (vmap grads, norms,
+  clip, mean), Opacus (``GradSampleModule`` + ``DPOptimizer`` with noise_multiplier=0,
+  the per-sample gradients that ``make_private`` sets up: forward, backward, pre_step),
+  Opacus' ghost clipping (``GradSampleModuleFastGradientClipping``, norms without the
+  per-sample gradients, a second backward) and jax-privacy's clipped gradient when it
+  installs beside this JAX (``pip install jax-privacy --no-deps``);
+- gradient statistics: ``fnet.backprop`` with ``batch_l2``, ``second_moment`` and
+  ``variance`` (and with ``batch_grad`` too) against BackPACK with ``BatchL2Grad``,
+  ``SumGradSquared``, ``Variance`` (and ``BatchGrad`` too), all in one backward;
+- baselines: the plain step, ``fnet.value_and_grad`` and ``jax.value_and_grad``, and
+  a plain PyTorch backward.
+
+Every JAX contender is one jitted, ahead-of-time compiled executable; the PyTorch ones run
+eagerly with ``torch.set_num_threads`` = the usable cores. All contenders of a
+configuration run side by side in one process: ``--repeats`` interleaved rounds (each
+runs every contender once, in a fresh random order) after ``--warmup`` untimed ones; the
+median is reported with its interquartile range, each contender's time over the plain
+funcnet step, and each peer's time over the funcnet contender that computes the same thing
+(> 1: funcnet is faster), also as a paired ratio (within each round, then the median).
+Memory: XLA's ``memory_analysis()`` temporary bytes of every compiled JAX contender.
+Correctness: funcnet's norms, clipped gradient and statistics against the vmap
+reference, BackPACK's ``batch_l2`` (and ``sum_grad_squared``) against funcnet's on the
+same weights, Opacus' and jax-privacy's clipped gradients against the vmap reference
+(max |a - b| / max |b|).
+
+Targets: per_example_grad_norms >= 20x faster than vmap(jax.grad) + norms;
+clipped_value_and_grad >= 5x faster than the vmap clipped gradient and <= 2x the plain
+value_and_grad; backprop with batch_l2, second_moment and variance <= 1.5x the plain
+value_and_grad; funcnet faster than BackPACK and Opacus on every configuration; the
+norms' temporary memory <= 2x the plain step's. Targets are stated for the full sizes.
+
+PyTorch, BackPACK and Opacus are the optional ``bench`` extra (``pip install -e
+'.[bench]'``); a peer that cannot be imported is reported as *absent* (its targets not
+met), one that fails while running as *error*, never silently dropped.
+
+    python benchmarks/extensions.py --help
+    python benchmarks/extensions.py --quick    # toy sizes, a few repeats (a smoke run)
+    python benchmarks/extensions.py            # 784->1024x2->10 at batch 512 and
+                                               # 64->256x4->10 at batch 128
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads (PyTorch's) sleep instead of spinning on cores shared with XLA's
+# thread pool (see benchmarks/peers.py); the value used is recorded in the JSON.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import importlib  # noqa: E402
+import importlib.metadata  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import funcnet as fnet  # noqa: E402
+from _timing import (benchmark_parser, blocking, cost_flops, environment,  # noqa: E402
+                     interleaved_times, max_abs, max_rel_diff, memory_stats, mib,
+                     numpy_normal, numpy_params, save_results, summarize, table,
+                     target_row, targets_table)
+from peers import machine, machine_line  # noqa: E402
+
+NAME = "extensions"
+CLASSES = 10
+CHECK_TOL = 1e-3  # float32: a correctness check passes below this relative difference
+
+NORMS_TARGET = 20.0  # vmap norms / fnet norms at least
+CLIPPED_TARGET = 5.0  # vmap clipped / fnet clipped at least
+CLIPPED_PLAIN_TARGET = 2.0  # fnet clipped / fnet value_and_grad at most
+EXT_PLAIN_TARGET = 1.5  # fnet backprop (3 extensions) / fnet value_and_grad at most
+MEMORY_TARGET = 2.0  # fnet norms temp / fnet value_and_grad temp at most
+
+
+class Config(NamedTuple):
+    label: str
+    fan_in: int
+    width: int
+    depth: int
+    batch: int
+
+    def sizes(self) -> List[int]:
+        return [self.fan_in] + [self.width] * self.depth + [CLASSES]
+
+    def n_params(self) -> int:
+        s = self.sizes()
+        return sum((a + 1) * b for a, b in zip(s[:-1], s[1:]))
+
+
+CONFIGS = [Config("784->1024x2->10, batch 512", 784, 1024, 2, 512),
+           Config("64->256x4->10, batch 128", 64, 256, 4, 128)]
+QUICK_CONFIGS = [Config("16->32x2->10, batch 8", 16, 32, 2, 8),
+                 Config("8->16x3->10, batch 4", 8, 16, 3, 4)]
+
+
+class Contender(NamedTuple):
+    name: str
+    library: str  # funcnet, jax, torch, backpack, opacus, jax-privacy
+    job: str  # norms, clipped, stats3, stats4, plain
+    description: str
+
+
+# the funcnet contender of each job: every other contender's time is compared with it
+FN_NORMS = "fnet per_example_grad_norms"
+FN_CLIPPED = "fnet clipped_value_and_grad"
+FN_STATS3 = "fnet backprop +3 ext"
+FN_STATS4 = "fnet backprop +4 ext"
+FN_PLAIN = "fnet value_and_grad"
+VMAP_NORMS = "vmap(jax.grad) + norms"
+VMAP_CLIPPED = "vmap clipped grad"
+JAX_PLAIN = "jax.value_and_grad"
+TORCH_PLAIN = "torch backward"
+BP_L2 = "backpack BatchL2Grad"
+BP_STATS3 = "backpack +3 ext"
+BP_STATS4 = "backpack +4 ext"
+OPACUS = "opacus clipping (hooks)"
+OPACUS_GHOST = "opacus ghost clipping"
+JAX_PRIVACY = "jax-privacy clipped grad"
+
+COUNTERPART = {"norms": FN_NORMS, "clipped": FN_CLIPPED, "stats3": FN_STATS3,
+               "stats4": FN_STATS4, "plain": FN_PLAIN}
+
+CONTENDERS = [
+    Contender(FN_NORMS, "funcnet", "norms", "fnet.per_example_grad_norms: one walk, batch_l2"),
+    Contender(VMAP_NORMS, "jax", "norms",
+              "jax.vmap(jax.grad(example loss)), then the norm of each example's gradient"),
+    Contender(BP_L2, "backpack", "norms", "BackPACK: backward with BatchL2Grad()"),
+    Contender(FN_CLIPPED, "funcnet", "clipped",
+              "fnet.clipped_value_and_grad: one walk, norms, reweighted cotangents"),
+    Contender(VMAP_CLIPPED, "jax", "clipped",
+              "jax.vmap(jax.value_and_grad(example loss)), norms, clip factors, mean"),
+    Contender(OPACUS, "opacus", "clipped",
+              "Opacus GradSampleModule (hooks) + DPOptimizer(noise_multiplier=0).pre_step()"),
+    Contender(OPACUS_GHOST, "opacus", "clipped",
+              "Opacus ghost clipping: GradSampleModuleFastGradientClipping + "
+              "DPOptimizerFastGradientClipping + DPLossFastGradientClipping (two backwards)"),
+    Contender(JAX_PRIVACY, "jax-privacy", "clipped",
+              "jax-privacy's per-example clipped gradient (vmap inside)"),
+    Contender(FN_STATS3, "funcnet", "stats3",
+              "fnet.backprop with batch_l2, second_moment, variance"),
+    Contender(BP_STATS3, "backpack", "stats3",
+              "BackPACK: backward with BatchL2Grad, SumGradSquared, Variance"),
+    Contender(FN_STATS4, "funcnet", "stats4",
+              "fnet.backprop with batch_grad, batch_l2, second_moment, variance"),
+    Contender(BP_STATS4, "backpack", "stats4",
+              "BackPACK: backward with BatchGrad, BatchL2Grad, SumGradSquared, Variance"),
+    Contender(FN_PLAIN, "funcnet", "plain", "fnet.value_and_grad (the plain step)"),
+    Contender(JAX_PLAIN, "jax", "plain", "jax.value_and_grad of the plain forward pass"),
+    Contender(TORCH_PLAIN, "torch", "plain", "PyTorch: forward, loss.backward()"),
+]
+BY_NAME = {c.name: c for c in CONTENDERS}
+#: the module whose import tells whether a library is installed, and how to get it
+LIBRARIES = {"torch": ("torch", "torch", "pip install -e '.[bench]'"),
+             "backpack": ("backpack", "backpack-for-pytorch", "pip install -e '.[bench]'"),
+             "opacus": ("opacus", "opacus", "pip install -e '.[bench]'"),
+             "jax-privacy": ("jax_privacy", "jax-privacy", "pip install jax-privacy --no-deps")}
+PEER_NAMES = [c.name for c in CONTENDERS if c.library not in ("funcnet",)
+              and c.name not in (VMAP_NORMS, VMAP_CLIPPED)]
+
+
+# --- the problem ----------------------------------------------------------------------------
+
+
+def build_net(config: Config):
+    layers = []
+    for _ in range(config.depth):
+        layers += [fnet.dense(config.width), fnet.relu]
+    return fnet.chain(*layers, fnet.dense(CLASSES))
+
+
+def make_problem(config: Config, seed: int):
+    """(net, params on the device, x, y on the device, [(w, b)] numpy, x, y numpy)."""
+    net = build_net(config)
+    params_np = numpy_params(net, (config.fan_in,), seed)
+    x_np = numpy_normal((config.batch, config.fan_in), seed + 1)
+    y_np = np.random.default_rng(seed + 2).integers(0, CLASSES, config.batch).astype(np.int32)
+    params, x, y = jax.device_put((params_np, x_np, y_np))
+    weights = [(np.asarray(p["w"]), np.asarray(p["b"])) for p in params_np if p != ()]
+    return net, params, x, y, weights, x_np, y_np
+
+
+def cross_entropy(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _sq_norms(tree):
+    """Per-example squared norms over each leaf of a tree of (B, ...) leaves."""
+    return jax.tree.map(lambda g: jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1), tree)
+
+
+def _total(tree):
+    leaves = jax.tree.leaves(tree)
+    return sum(leaves[1:], leaves[0])
+
+
+def vmap_functions(net):
+    """The plain-JAX references: per-example gradients by jax.vmap(jax.grad(...))."""
+
+    def example_loss(params, xb, yb):
+        return cross_entropy(net.apply(params, xb[None]), yb[None])
+
+    per_example = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))
+
+    def norms(params, x, y):
+        _, grads = per_example(params, x, y)
+        return jnp.sqrt(_total(_sq_norms(grads)))
+
+    def clipped(max_norm):
+        def clipped_fn(params, x, y):
+            losses, grads = per_example(params, x, y)
+            n = jnp.sqrt(_total(_sq_norms(grads)))
+            factors = jnp.where(n > max_norm, max_norm / jnp.where(n > 0, n, 1.0), 1.0)
+            mean = jax.tree.map(lambda g: jnp.tensordot(factors, g, axes=1) / g.shape[0], grads)
+            return jnp.mean(losses), mean
+
+        return clipped_fn
+
+    def statistics_(params, x, y):
+        """The reference for the extensions: batch_l2, second_moment, variance, norms."""
+        _, grads = per_example(params, x, y)
+        l2 = _sq_norms(grads)
+        second = jax.tree.map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+        variance = jax.tree.map(lambda g, m: m - jnp.square(jnp.mean(g, axis=0)), grads, second)
+        return {"batch_l2": l2, "second_moment": second, "variance": variance,
+                "norms": jnp.sqrt(_total(l2))}
+
+    def plain(params, x, y):
+        return cross_entropy(net.apply(params, x), y)
+
+    return {"norms": norms, "clipped": clipped, "statistics": statistics_,
+            "plain": jax.value_and_grad(plain)}
+
+
+EXT3 = (fnet.extensions.batch_l2(), fnet.extensions.second_moment(), fnet.extensions.variance())
+EXT4 = (fnet.extensions.batch_grad(),) + EXT3
+
+
+def funcnet_functions(net, max_norm: float):
+    loss = fnet.losses.softmax_cross_entropy
+
+    def stats(extensions):
+        def stats_fn(params, x, y):
+            record = fnet.backprop(net, loss, params, x, y, extensions=extensions)
+            return record.value, record.grads, record.extensions
+
+        return stats_fn
+
+    return {FN_NORMS: fnet.per_example_grad_norms(net, loss),
+            FN_CLIPPED: fnet.clipped_value_and_grad(net, loss, max_norm),
+            FN_STATS3: stats(EXT3), FN_STATS4: stats(EXT4),
+            FN_PLAIN: fnet.value_and_grad(net, loss)}
+
+
+# --- the peers ------------------------------------------------------------------------------
+
+
+def library_status(library: str):
+    """(status, detail): ("ok", version) when the library imports, else ("absent", why)."""
+    if library in ("funcnet", "jax"):
+        return "ok", (fnet.__name__ if library == "funcnet" else jax.__version__)
+    module, distribution, hint = LIBRARIES[library]
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # ImportError, or a broken / incompatible install
+        return "absent", f"not installed or incompatible ({type(error).__name__}: {error}); {hint}"
+    try:
+        return "ok", importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "ok", "?"
+
+
+def torch_model(weights):
+    import torch
+
+    modules = []
+    for w, b in weights:
+        linear = torch.nn.Linear(w.shape[0], w.shape[1])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))  # (out, in)
+            linear.bias.copy_(torch.from_numpy(np.array(b)))
+        modules += [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*modules[:-1])
+
+
+def torch_batch(x_np, y_np):
+    import torch
+
+    return torch.from_numpy(x_np), torch.from_numpy(y_np.astype(np.int64))
+
+
+def per_leaf_to_funcnet(values, params_structure):
+    """[value per weight, value per bias, ...] -> {"w", "b"} per dense layer."""
+    out, k = [], 0
+    for p in params_structure:
+        if p == ():
+            out.append(())
+        else:
+            out.append({"w": values[k], "b": values[k + 1]})
+            k += 2
+    return tuple(out)
+
+
+def build_torch_plain(weights, x_np, y_np, max_norm):
+    import torch.nn.functional as F
+
+    model = torch_model(weights)
+    x, y = torch_batch(x_np, y_np)
+
+    def call():
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    return call, lambda: {"grads": [p.grad for p in model.parameters()]}
+
+
+BACKPACK_EXTENSIONS = {BP_L2: ("BatchL2Grad",),
+                       BP_STATS3: ("BatchL2Grad", "SumGradSquared", "Variance"),
+                       BP_STATS4: ("BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance")}
+BACKPACK_ATTRIBUTES = {"BatchGrad": "grad_batch", "BatchL2Grad": "batch_l2",
+                       "SumGradSquared": "sum_grad_squared", "Variance": "variance"}
+
+
+def build_backpack(name):
+    def build(weights, x_np, y_np, max_norm):
+        import torch
+        from backpack import backpack, extend
+        from backpack import extensions as bpx
+
+        model = extend(torch_model(weights))
+        lossfunc = extend(torch.nn.CrossEntropyLoss())  # the batch mean, like funcnet's loss
+        x, y = torch_batch(x_np, y_np)
+        names = BACKPACK_EXTENSIONS[name]
+        extensions = [getattr(bpx, n)() for n in names]
+
+        def call():
+            model.zero_grad(set_to_none=True)
+            loss = lossfunc(model(x), y)
+            with backpack(*extensions):
+                loss.backward()
+            return loss.detach()
+
+        def outputs():
+            params = list(model.parameters())
+            result = {"grads": [p.grad for p in params]}
+            for n in names:
+                if n != "BatchGrad":  # not kept: as big as B copies of the params
+                    result[BACKPACK_ATTRIBUTES[n]] = [getattr(p, BACKPACK_ATTRIBUTES[n])
+                                                      for p in params]
+            return result
+
+        return call, outputs
+
+    return build
+
+
+def build_opacus(weights, x_np, y_np, max_norm):
+    """Opacus' DP-SGD path without noise: per-sample gradients by hooks, clipped and
+    averaged by the DPOptimizer (what ``make_private`` sets up, without the data loader)."""
+    import torch
+    import torch.nn.functional as F
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    model = GradSampleModule(torch_model(weights), batch_first=True, loss_reduction="mean")
+    x, y = torch_batch(x_np, y_np)
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                            max_grad_norm=max_norm, expected_batch_size=x.shape[0],
+                            loss_reduction="mean")
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.pre_step()  # clip per sample, sum, add (zero) noise, divide by B
+        return loss.detach()
+
+    return call, lambda: {"clipped": [p.grad for p in model.parameters()]}
+
+
+def build_opacus_ghost(weights, x_np, y_np, max_norm):
+    """Opacus' ghost clipping: per-sample norms from the layers' inputs and output
+    gradients (no per-sample gradient), then a second backward of the reweighted loss."""
+    import torch
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    model = GradSampleModuleFastGradientClipping(
+        torch_model(weights), batch_first=True, loss_reduction="mean",
+        max_grad_norm=max_norm, use_ghost_clipping=True)
+    x, y = torch_batch(x_np, y_np)
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+        max_grad_norm=max_norm, expected_batch_size=x.shape[0], loss_reduction="mean")
+    criterion = DPLossFastGradientClipping(
+        model, optimizer, torch.nn.CrossEntropyLoss(), loss_reduction="mean")
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()  # both backwards: norms, then the reweighted loss
+        optimizer.pre_step()  # add (zero) noise, divide by B
+        return loss.detach()
+
+    return call, lambda: {"clipped": [p.grad for p in model.parameters()]}
+
+
+def jax_privacy_function(net, max_norm: float, batch: int):
+    """jax-privacy's per-example clipped gradient (``jax_privacy.clipping.clipped_grad``:
+    vmap of the per-example value_and_grad, clip, sum), divided by B:
+    f(params, x, y) -> mean clipped grad."""
+    from jax_privacy import clipping
+
+    def loss(params, x, y):  # called on one example with a batch axis of 1
+        return cross_entropy(net.apply(params, x), y)
+
+    return clipping.clipped_grad(loss, l2_clip_norm=max_norm, batch_argnums=(1, 2),
+                                 keep_batch_dim=True, normalize_by=batch)
+
+
+TORCH_BUILDERS = {TORCH_PLAIN: build_torch_plain, BP_L2: build_backpack(BP_L2),
+                  BP_STATS3: build_backpack(BP_STATS3), BP_STATS4: build_backpack(BP_STATS4),
+                  OPACUS: build_opacus, OPACUS_GHOST: build_opacus_ghost}
+
+
+# --- one configuration ----------------------------------------------------------------------
+
+
+def _compile(fn, *args):
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def run_config(config: Config, names: Sequence[str], statuses, threads: int, repeats: int,
+               warmup: int, seed: int):
+    """Build, check and time every contender of one configuration; (rows, summary)."""
+    net, params, x, y, weights, x_np, y_np = make_problem(config, seed)
+    structure = tuple(() if p == () else {"w": None, "b": None} for p in params)
+    vm = vmap_functions(net)
+    rows: Dict[str, Dict[str, Any]] = {}
+    for name in names:
+        c = BY_NAME[name]
+        status, detail = statuses[c.library]
+        rows[name] = {"config": config.label, "contender": name, "library": c.library,
+                      "job": c.job, "description": c.description, "status": status,
+                      "detail": detail}
+
+    # the reference first: per-example gradients by vmap, their norms set the clipping norm
+    reference_fn, _ = _compile(vm["statistics"], params, x, y)
+    reference = _to_numpy(reference_fn(params, x, y))
+    del reference_fn
+    max_norm = float(np.median(reference["norms"]))
+    if not max_norm > 0:
+        max_norm = 1.0
+    clipped_fraction = float(np.mean(reference["norms"] > max_norm))
+
+    jax_fns = dict(funcnet_functions(net, max_norm))
+    jax_fns[VMAP_NORMS] = vm["norms"]
+    jax_fns[VMAP_CLIPPED] = vm["clipped"](max_norm)
+    jax_fns[JAX_PLAIN] = vm["plain"]
+    if JAX_PRIVACY in names and rows[JAX_PRIVACY]["status"] == "ok":
+        try:
+            jax_fns[JAX_PRIVACY] = jax_privacy_function(net, max_norm, config.batch)
+        except Exception as error:
+            _failed(rows[JAX_PRIVACY], error)
+
+    calls: Dict[str, Callable[[], Any]] = {}
+    outputs: Dict[str, Any] = {}
+    for name in names:
+        row = rows[name]
+        if row["status"] != "ok":
+            continue
+        try:
+            if name in jax_fns:
+                compiled, compile_s = _compile(jax_fns[name], params, x, y)
+                memory = memory_stats(compiled)
+                row.update({"compile_s": compile_s, "flops": cost_flops(compiled),
+                            "temp_bytes": memory["temp_size_in_bytes"],
+                            "temp_mib": mib(memory["temp_size_in_bytes"])})
+                call = blocking(compiled, params, x, y)
+                start = time.perf_counter()
+                outputs[name] = call()
+                row["first_call_s"] = time.perf_counter() - start
+                if name == FN_STATS4:  # keep only what the checks read: B copies of the params
+                    batch_grad = outputs.pop(name)[2]["batch_grad"]
+                    outputs[name] = {"batch_grad_sq_norms": _to_numpy(
+                        jax.jit(_sq_norms)(batch_grad))}
+                    del batch_grad
+                else:
+                    outputs[name] = _to_numpy(outputs[name])
+            else:
+                call, read = TORCH_BUILDERS[name](weights, x_np, y_np, max_norm)
+                start = time.perf_counter()
+                call()
+                row["first_call_s"] = time.perf_counter() - start
+                outputs[name] = {k: [t.detach().numpy().copy() for t in v]
+                                 for k, v in read().items()}
+            calls[name] = call
+        except Exception as error:  # a peer whose API moved: say so, keep going
+            _failed(row, error)
+
+    checks = correctness(config, outputs, reference, structure, rows)
+    del reference, outputs
+
+    times = interleaved_times(calls, repeats=repeats, warmup=warmup, seed=seed)
+    for name, ts in times.items():
+        stats = summarize(ts)
+        rows[name].update({"step_ms": 1e3 * stats["median"], "step_ms_q1": 1e3 * stats["q1"],
+                           "step_ms_q3": 1e3 * stats["q3"], "step_ms_min": 1e3 * stats["min"],
+                           "samples_ms": [1e3 * t for t in ts]})
+    plain_ms = rows[FN_PLAIN].get("step_ms", math.nan)
+    plain_temp = rows[FN_PLAIN].get("temp_bytes", math.nan)
+    for name, row in rows.items():
+        counterpart = COUNTERPART[BY_NAME[name].job]
+        row["counterpart"] = counterpart
+        row["over_plain"] = row.get("step_ms", math.nan) / plain_ms
+        row["over_funcnet"] = row.get("step_ms", math.nan) / rows[counterpart].get("step_ms", math.nan)
+        row["paired_over_funcnet"] = (
+            statistics.median(a / b for a, b in zip(times[name], times[counterpart]))
+            if name in times and counterpart in times else math.nan)
+        row["temp_over_plain"] = row.get("temp_bytes", math.nan) / plain_temp
+        row["iqr_ms"] = (f"{row['step_ms_q1']:.3g}-{row['step_ms_q3']:.3g}"
+                         if "step_ms" in row else "")
+        if "first_call_s" in row and "step_ms" in row and "compile_s" not in row:
+            row["compile_s"] = max(0.0, row["first_call_s"] - row["step_ms"] / 1e3)
+    summary = {"config": config._asdict(), "label": config.label, "n_params": config.n_params(),
+               "max_norm": max_norm,
+               "clipped_fraction": clipped_fraction,
+               "per_example_grads_mib": mib(4.0 * config.batch * config.n_params()),
+               "checks": checks}
+    return list(rows.values()), summary
+
+
+def _failed(row, error):
+    row["status"] = "error"
+    row["detail"] = f"{type(error).__name__}: {error}"
+    traceback.print_exc()
+
+
+def correctness(config, outputs, reference, structure, rows) -> Dict[str, Any]:
+    """Relative differences (max |a - b| / max |b|) of every result against its reference."""
+    checks: Dict[str, Any] = {}
+    batch = config.batch
+
+    def check(label, fn):
+        try:
+            checks[label] = float(fn())
+        except KeyError:  # the contender did not run (absent, error, not selected)
+            checks[label] = math.nan
+        except Exception as error:
+            checks[label] = math.nan
+            print(f"check {label!r} failed: {type(error).__name__}: {error}", flush=True)
+            traceback.print_exc()
+
+    o = outputs
+    check("fnet norms vs vmap", lambda: max_rel_diff(o[FN_NORMS], reference["norms"]))
+    check("vmap norms (timed) vs vmap reference",
+          lambda: max_rel_diff(o[VMAP_NORMS], reference["norms"]))
+    check("fnet clipped grads vs vmap clipped",
+          lambda: max_rel_diff(o[FN_CLIPPED][1], o[VMAP_CLIPPED][1]))
+    check("fnet clipped value vs vmap (abs)",
+          lambda: abs(float(o[FN_CLIPPED][0]) - float(o[VMAP_CLIPPED][0])))
+    for key in ("batch_l2", "second_moment", "variance"):
+        check(f"fnet backprop {key} vs vmap",
+              lambda key=key: max_rel_diff(o[FN_STATS3][2][key], reference[key]))
+    check("fnet backprop grads vs jax.value_and_grad",
+          lambda: max_rel_diff(o[FN_STATS3][1], o[JAX_PLAIN][1]))
+    check("fnet value_and_grad grads vs jax.value_and_grad",
+          lambda: max_rel_diff(o[FN_PLAIN][1], o[JAX_PLAIN][1]))
+    check("fnet backprop batch_grad squared norms vs vmap",
+          lambda: max_rel_diff(o[FN_STATS4]["batch_grad_sq_norms"], reference["batch_l2"]))
+    # BackPACK scales by the batch mean: grad_batch[b] = g_b / B, so batch_l2 = ||g_b||^2 / B^2,
+    # sum_grad_squared = sum_b g_b^2 / B^2 = second_moment / B, and its variance,
+    # sum_grad_squared / B - (grad / B)^2, is funcnet's / B^2
+    fn_ext = o.get(FN_STATS3, (None, None, {}))[2]
+    for name in (BP_L2, BP_STATS3):
+        check(f"{name}: batch_l2 * B^2 vs fnet batch_l2", lambda name=name: max_rel_diff(
+            per_leaf_to_funcnet([a * batch ** 2 for a in o[name]["batch_l2"]], structure),
+            fn_ext["batch_l2"]))
+    check(f"{BP_STATS3}: sum_grad_squared * B vs fnet second_moment", lambda: max_rel_diff(
+        to_funcnet_layout_np([a * batch for a in o[BP_STATS3]["sum_grad_squared"]], structure),
+        fn_ext["second_moment"]))
+    check(f"{BP_STATS3}: variance * B^2 vs fnet variance", lambda: max_rel_diff(
+        to_funcnet_layout_np([a * batch ** 2 for a in o[BP_STATS3]["variance"]], structure),
+        fn_ext["variance"]))
+    check(f"{TORCH_PLAIN}: grads vs jax.value_and_grad", lambda: max_rel_diff(
+        to_funcnet_layout_np(o[TORCH_PLAIN]["grads"], structure), o[JAX_PLAIN][1]))
+    for name in (OPACUS, OPACUS_GHOST):
+        check(f"{name}: clipped grads vs vmap clipped", lambda name=name: max_rel_diff(
+            to_funcnet_layout_np(o[name]["clipped"], structure), o[VMAP_CLIPPED][1]))
+    check(f"{JAX_PRIVACY}: clipped grads vs vmap clipped",
+          lambda: max_rel_diff(o[JAX_PRIVACY], o[VMAP_CLIPPED][1]))
+    return checks
+
+
+def to_funcnet_layout_np(arrays, structure):
+    """[weight-shaped (out, in), bias-shaped, ...] numpy arrays -> funcnet's layout."""
+    out, k = [], 0
+    for p in structure:
+        if p == ():
+            out.append(())
+        else:
+            out.append({"w": np.asarray(arrays[k]).T, "b": np.asarray(arrays[k + 1])})
+            k += 2
+    return tuple(out)
+
+
+# --- targets and report ---------------------------------------------------------------------
+
+
+def make_targets(rows, summaries) -> List[Dict[str, Any]]:
+    by = {(r["config"], r["contender"]): r for r in rows}
+    targets = []
+    for summary in summaries:
+        label = summary["label"]
+
+        def get(name, key="step_ms"):
+            return by.get((label, name), {}).get(key, math.nan)
+
+        norms = get(VMAP_NORMS) / get(FN_NORMS)
+        targets.append(target_row(f"{label}: vmap(jax.grad) + norms / fnet per_example_grad_norms",
+                                  norms, f">= {NORMS_TARGET:g}", norms >= NORMS_TARGET))
+        clipped = get(VMAP_CLIPPED) / get(FN_CLIPPED)
+        targets.append(target_row(f"{label}: vmap clipped / fnet clipped_value_and_grad",
+                                  clipped, f">= {CLIPPED_TARGET:g}", clipped >= CLIPPED_TARGET))
+        over = get(FN_CLIPPED) / get(FN_PLAIN)
+        targets.append(target_row(f"{label}: fnet clipped_value_and_grad / fnet value_and_grad",
+                                  over, f"<= {CLIPPED_PLAIN_TARGET:g}", over <= CLIPPED_PLAIN_TARGET))
+        over = get(FN_STATS3) / get(FN_PLAIN)
+        targets.append(target_row(f"{label}: fnet backprop (batch_l2, second_moment, variance) "
+                                  f"/ fnet value_and_grad", over, f"<= {EXT_PLAIN_TARGET:g}",
+                                  over <= EXT_PLAIN_TARGET))
+        for name in (BP_L2, BP_STATS3, BP_STATS4, OPACUS, OPACUS_GHOST):
+            if (label, name) not in by:  # not selected
+                continue
+            row = by[label, name]
+            what = f"{label}: {name} / {row['counterpart']}"
+            if row["status"] != "ok":
+                what += f" ({row['status']})"
+            ratio = row["over_funcnet"]
+            targets.append(target_row(what, ratio, "> 1", row["status"] == "ok" and ratio > 1))
+        memory = get(FN_NORMS, "temp_bytes") / get(FN_PLAIN, "temp_bytes")
+        targets.append(target_row(f"{label}: temp memory, fnet per_example_grad_norms / fnet "
+                                  f"value_and_grad", memory, f"<= {MEMORY_TARGET:g}",
+                                  memory <= MEMORY_TARGET))
+    return targets
+
+
+COLUMNS = ["contender", "status", "step_ms", "iqr_ms", "step_ms_min", "over_plain",
+           "over_funcnet", "paired_over_funcnet", "temp_mib", "temp_over_plain", "compile_s"]
+HEADERS = ["contender", "status", "ms (median)", "IQR ms", "min ms", "/ fnet value_and_grad",
+           "/ its funcnet counterpart", "paired", "temp MiB", "temp / plain", "compile s"]
+
+
+def report(results) -> str:
+    s = results["settings"]
+    lines = ["# Per-example gradient quantities: funcnet's extensions against vmap, BackPACK, "
+             "Opacus, jax-privacy (float32, CPU)", "",
+             machine_line(results["machine"], results["load_average_end"]), "",
+             f"Median over {s['repeats']} interleaved rounds after {s['warmup']} warm-up "
+             f"rounds (every contender once per round, in a random order); torch threads "
+             f"{s['threads_torch']}. '/ its funcnet counterpart': the contender's time over "
+             f"that of the funcnet contender computing the same thing (norms: "
+             f"{FN_NORMS}; clipped: {FN_CLIPPED}; 3 statistics: {FN_STATS3}; with per-example "
+             f"gradients too: {FN_STATS4}; plain: {FN_PLAIN}); > 1: funcnet is faster. "
+             f"'paired': that ratio within each round, then the median. temp MiB: XLA's "
+             f"memory_analysis() of the compiled JAX contender.", ""]
+    for summary in results["configs"]:
+        rows = [r for r in results["rows"] if r["config"] == summary["label"]]
+        lines += [f"## {summary['label']}", "",
+                  f"{summary['n_params']} params; per-example gradients "
+                  f"{summary['per_example_grads_mib']:.0f} MiB; clipping norm "
+                  f"C = {summary['max_norm']:.4g} (the median ||g_b||: "
+                  f"{summary['clipped_fraction']:.0%} of the examples clipped).", "",
+                  table(rows, COLUMNS, HEADERS), "",
+                  table([{"check": k, "rel_diff": v,
+                          "ok": (v < CHECK_TOL) if math.isfinite(v) else "n/a"}
+                         for k, v in summary["checks"].items()],
+                        ["check", "rel_diff", "ok"],
+                        ["correctness check", "max |a - b| / max |b|",
+                         f"< {CHECK_TOL:g}"]), ""]
+    absent = [r for r in results["rows"] if r["status"] != "ok"]
+    if absent:
+        seen = {}
+        for r in absent:
+            seen.setdefault((r["contender"], r["status"]), r["detail"])
+        lines += ["Not measured: " + "; ".join(f"{name} {status} ({detail})"
+                                               for (name, status), detail in seen.items()), ""]
+    if s["quick"]:
+        lines += ["(--quick: toy sizes; the targets are stated for the full sizes.)", ""]
+    lines += ["## Targets", "", targets_table(results["targets"]), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = benchmark_parser(__doc__, NAME)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed interleaved rounds per configuration (default 15; 3 quick)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed rounds after the first call (default 2; 1 quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: the usable cores)")
+    parser.add_argument("--peers", nargs="*", choices=PEER_NAMES, default=None,
+                        help="which peer contenders to run (default all; the funcnet and vmap "
+                             "contenders always run)")
+    parser.add_argument("--configs", type=int, nargs="+", default=None,
+                        help="which configurations, by index (default all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="toy configurations, few repeats (a smoke run)")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
+    args = parser.parse_args(argv)
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    if args.configs is not None:
+        configs = [configs[i] for i in args.configs]
+    repeats = args.repeats or (3 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    m = machine()
+    threads = args.threads or m["usable_cores"] or 1
+    peers = PEER_NAMES if args.peers is None else args.peers
+    names = [c.name for c in CONTENDERS if c.name not in PEER_NAMES or c.name in peers]
+    statuses = {library: library_status(library)
+                for library in ("funcnet", "jax", "torch", "backpack", "opacus", "jax-privacy")
+                if library in {BY_NAME[n].library for n in names} | {"funcnet", "jax"}}
+    if statuses.get("torch", ("ok",))[0] == "ok" and any(
+            BY_NAME[n].library in ("torch", "backpack", "opacus") for n in names):
+        import torch
+
+        torch.set_num_threads(threads)
+    print(machine_line(m, None), flush=True)
+    print("libraries: " + ", ".join(f"{lib} ({status}: {detail})"
+                                    for lib, (status, detail) in statuses.items()), flush=True)
+
+    rows, summaries = [], []
+    for config in configs:
+        start = time.perf_counter()
+        config_rows, summary = run_config(config, names, statuses, threads, repeats, warmup,
+                                          args.seed)
+        rows += config_rows
+        summaries.append(summary)
+        print(f"  {config.label}: " + ", ".join(
+            f"{r['contender']} {r['step_ms']:.3g} ms" if "step_ms" in r
+            else f"{r['contender']} {r['status']}" for r in config_rows)
+              + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    results = {
+        "benchmark": NAME,
+        "settings": {"repeats": repeats, "warmup": warmup, "threads_torch": threads,
+                     "quick": args.quick, "seed": args.seed, "dtype": "float32",
+                     "classes": CLASSES, "check_tolerance": CHECK_TOL,
+                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+        "environment": environment(),
+        "machine": m,
+        "libraries": {lib: {"status": status, "detail": detail}
+                      for lib, (status, detail) in statuses.items()},
+        "contenders": [c._asdict() for c in CONTENDERS if c.name in names],
+        "configs": summaries,
+        "rows": rows,
+    }
+    results["targets"] = make_targets(rows, summaries)
+    results["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    text = report(results)
+    print()
+    print(text)
+    save_results(NAME, args.results, results, markdown=text)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Differentially private training: DP-SGD on the one backward walk, and the privacy it
+spends, counted by Google's ``dp-accounting``.
+
+One step of DP-SGD (Abadi et al., 2016) on the examples S of a Poisson sample (each
+example in with probability q, independently):
+
+    g~ = ( sum_{b in S} c_b g_b  +  N(0, sigma^2 C^2 I) ) / (q n),  c_b = min(1, C / ||g_b||)
+
+with C the clipping norm ``max_norm``, sigma the ``noise_multiplier`` and q n the expected
+batch size (a denominator that does not depend on the data). The clipped sum comes from
+one walk per chunk of the sample (:func:`funcnet.ad._per_example.clipped_mean`: the norms
+from ``batch_l2``, then A_i^T diag(c) q_{i+1} per layer). ``fit(..., privacy=...)``
+implements Poisson sampling and accounts for exactly that: each step is a
+``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``, composed over the steps by the RDP
+accountant of ``dp-accounting``, which reports epsilon at the run's delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from funcnet._arguments import check_key, check_real
+from funcnet._caches import bounded_cache
+from funcnet._errors import ArgumentError
+from funcnet.ad._per_example import clipped_mean
+from funcnet.train._state import TrainState
+
+try:  # an optional dependency: pip install funcnet[privacy]
+    import dp_accounting
+except ImportError:  # pragma: no cover - exercised by the error message only
+    dp_accounting = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD settings: clip every example's gradient to norm ``max_norm`` (C), add
+    Gaussian noise of standard deviation ``noise_multiplier * max_norm`` (sigma C) to the
+    clipped sum, and report the epsilon spent at ``delta``."""
+
+    max_norm: float
+    noise_multiplier: float
+    delta: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("max_norm", "noise_multiplier", "delta"):
+            value = check_real(f"dp_sgd({name})", getattr(self, name))
+            if value < 0 or (value == 0 and name != "noise_multiplier"):
+                raise ArgumentError(f"dp_sgd({name})", f"must be positive, got {value}.")
+            object.__setattr__(self, name, value)
+        if self.delta >= 1:
+            raise ArgumentError("dp_sgd(delta)", f"must be below 1, got {self.delta} (usually "
+                                                 f"well below 1 / the number of examples).")
+
+
+def dp_sgd(max_norm: float, noise_multiplier: float, delta: float = 1e-5) -> DPSGD:
+    """DP-SGD settings for :func:`funcnet.fit` and :func:`funcnet.train_step`
+    (``privacy=fnet.dp_sgd(1.0, 1.1)``); see :class:`DPSGD`. A noise multiplier of 0
+    clips without noise (no privacy; epsilon is reported as infinite)."""
+    return DPSGD(max_norm, noise_multiplier, delta)
+
+
+def privacy_spent(privacy: DPSGD, sampling_rate: float, steps: int) -> float:
+    """epsilon of ``steps`` DP-SGD steps with Poisson sampling rate q at ``privacy.delta``,
+    by the RDP accountant of ``dp-accounting`` (infinite without noise, 0 for no step)."""
+    if dp_accounting is None:
+        raise ArgumentError("privacy", "counting the privacy spent needs dp-accounting: pip "
+                                       "install dp-accounting (or funcnet[privacy]).")
+    if steps == 0:
+        return 0.0
+    if privacy.noise_multiplier == 0:
+        return math.inf
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            sampling_rate, dp_accounting.GaussianDpEvent(privacy.noise_multiplier)), steps)
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(privacy.delta))
+
+
+def check_privacy(privacy) -> None:
+    if not isinstance(privacy, DPSGD):
+        raise ArgumentError("privacy", f"must be fnet.dp_sgd(max_norm, noise_multiplier, "
+                                       f"delta), got {privacy!r}.")
+    if dp_accounting is None:
+        raise ArgumentError("privacy", "DP-SGD reports the privacy it spends with "
+                                       "dp-accounting, which is not installed: pip install "
+                                       "dp-accounting (or funcnet[privacy]).")
+
+
+@bounded_cache(maxsize=32)
+def private_step(net, loss, optimizer, privacy: DPSGD, remat: str):
+    """``(accumulate, update)``, both compiled:
+
+    - ``accumulate(params, x, y, indices, weights, total, loss_total)`` adds the clipped
+      sum sum_b w_b c_b g_b and the weighted example losses of the examples
+      ``x[indices]`` (weights 1 for sampled ones, 0 for padding) to the running totals;
+    - ``update(state, total, loss_total, count, key, denominator)`` adds the noise
+      N(0, sigma^2 C^2) drawn from ``key`` to the total, divides by the denominator and
+      takes the optimizer step (state donated); returns (state, the sample's mean loss).
+    """
+
+    def accumulate(params, x, y, indices, weights, total, loss_total):
+        x_chunk, y_chunk = x[indices], jax.tree.map(lambda t: t[indices], y)
+        record, _, mean = clipped_mean(net, loss, privacy.max_norm, remat, params, x_chunk,
+                                       y_chunk, weights)
+        size = weights.shape[0]
+        total = jax.tree.map(lambda t, g: t + g * size, total, mean)
+        losses = jax.vmap(lambda o, t: loss(o[None], jax.tree.map(lambda a: a[None], t)))(
+            record.activations[-1], y_chunk)
+        return total, loss_total + jnp.sum(losses * weights)
+
+    def update(state: TrainState, total, loss_total, count, key, denominator):
+        grads = jax.tree.map(lambda g: g / denominator, _noised(total, key, privacy))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), loss_total / jnp.maximum(count, 1)
+
+    return jax.jit(accumulate, donate_argnums=(5, 6)), jax.jit(update, donate_argnums=0)
+
+
+def _noised(total, key, privacy: DPSGD):
+    """total + N(0, (sigma C)^2) entrywise, one key per leaf."""
+    leaves, treedef = jax.tree.flatten(total)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    scale = privacy.noise_multiplier * privacy.max_norm
+    return jax.tree.unflatten(treedef, [
+        leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+        for k, leaf in zip(keys, leaves)])
+
+
+def private_train_step(net, loss, optimizer, privacy: DPSGD, remat: str):
+    """``step(state, x, y, key) -> (state, mean loss)``: DP-SGD on the whole batch given
+    (denominator: its size), the noise drawn from ``key``; see :func:`private_step`."""
+    accumulate, update = private_step(net, loss, optimizer, privacy, remat)
+
+    def step(state: TrainState, x, y, key):
+        check_key("key", key)
+        batch = jnp.shape(x)[0]
+        total, loss_total = accumulate(state.params, x, y, jnp.arange(batch),
+                                       jnp.ones((batch,), jnp.float32),
+                                       zeros_like_tree(state.params), jnp.zeros((), jnp.float32))
+        return update(state, total, loss_total, batch, key, batch)
+
+    return step
+
+
+@jax.jit
+def zeros_like_tree(tree):
+    """Zeros shaped like ``tree`` (one compiled program per layout)."""
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def poisson_sample(mask_row: np.ndarray, chunk: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """The sampled examples (``mask_row`` True) as fixed-size chunks: (indices, weights)
+    of length ``chunk * k`` (k >= 1 chunks; padding: index 0, weight 0) and the count.
+    Every sampled example is used: nothing is truncated."""
+    sampled = np.flatnonzero(mask_row)
+    count = len(sampled)
+    chunks = max(1, -(-count // chunk))
+    indices = np.zeros(chunks * chunk, np.int32)
+    weights = np.zeros(chunks * chunk, np.float32)
+    indices[:count], weights[:count] = sampled, 1
+    return indices, weights, count
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def poisson_masks(key, epoch, steps: int, n: int, rate):
+    """Epoch ``epoch``'s Poisson samples: a (steps, n) bool array, entry (t, j) True when
+    example j is in step t's sample (probability ``rate``, independently), and the key
+    of the epoch's noise (step t's noise: ``jax.random.fold_in(noise_key, t)``)."""
+    sample_key, noise_key = jax.random.split(jax.random.fold_in(key, epoch))
+    return jax.random.uniform(sample_key, (steps, n)) < rate, noise_key

@@ -1,0 +1,148 @@
+"""Smoke runs of benchmarks/extensions.py at toy size, in a subprocess (float32, as the
+benchmark runs; this suite's conftest turns float64 on).
+
+Structure and correctness only: the JSON and Markdown are written (atomically), every
+funcnet and vmap contender runs ("ok") and agrees with the vmap reference, a peer that
+cannot be imported (PyTorch, BackPACK, Opacus, jax-privacy) is reported as "absent" with
+its targets not met rather than crashing the run, and, where the peers are installed,
+their numbers agree with funcnet's. No timing threshold is asserted: timings are the
+benchmark's business, on a quiet machine.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scripts import BENCHMARKS, load_script  # noqa: E402
+
+SCRIPT = BENCHMARKS / "extensions.py"
+FUNCNET_ROWS = {"fnet per_example_grad_norms", "fnet clipped_value_and_grad",
+                "fnet backprop +3 ext", "fnet backprop +4 ext", "fnet value_and_grad"}
+VMAP_ROWS = {"vmap(jax.grad) + norms", "vmap clipped grad", "jax.value_and_grad"}
+TORCH_ROWS = {"torch backward", "backpack BatchL2Grad", "backpack +3 ext", "backpack +4 ext",
+              "opacus clipping (hooks)", "opacus ghost clipping"}
+PEER_MODULES = ("torch", "backpack", "opacus", "jax_privacy")
+FUNCNET_CHECKS = ["fnet norms vs vmap", "vmap norms (timed) vs vmap reference",
+                  "fnet clipped grads vs vmap clipped", "fnet clipped value vs vmap (abs)",
+                  "fnet backprop batch_l2 vs vmap", "fnet backprop second_moment vs vmap",
+                  "fnet backprop variance vs vmap", "fnet backprop grads vs jax.value_and_grad",
+                  "fnet value_and_grad grads vs jax.value_and_grad",
+                  "fnet backprop batch_grad squared norms vs vmap"]
+
+
+def _positive_finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _run(tmp_path, args, blocked=()):
+    """The script at --quick size in a fresh process, ``blocked`` modules unimportable."""
+    code = ("import runpy, sys; "
+            + "".join(f"sys.modules[{name!r}] = None; " for name in blocked)
+            + f"sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--quick", "--repeats", "2", "--warmup", "0",
+         "--results", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "extensions.json").read_text())
+    markdown = (tmp_path / "extensions.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes
+    assert results["benchmark"] == "extensions" and results["environment"]["jax"]
+    assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
+    assert "| target | measured | threshold | met |" in markdown
+    assert "Machine:" in done.stdout and "| contender |" in done.stdout
+    return results, markdown
+
+
+def _funcnet_rows_ok(results):
+    labels = [c["label"] for c in results["configs"]]
+    for summary in results["configs"]:
+        checks = summary["checks"]
+        for check in FUNCNET_CHECKS:
+            assert checks[check] < 1e-3, (summary["label"], check, checks[check])
+        assert _positive_finite(summary["max_norm"]) and 0 < summary["clipped_fraction"] < 1
+    for label in labels:
+        by = {r["contender"]: r for r in results["rows"] if r["config"] == label}
+        assert FUNCNET_ROWS | VMAP_ROWS <= set(by)
+        for name in FUNCNET_ROWS | VMAP_ROWS:
+            row = by[name]
+            assert row["status"] == "ok", (label, name, row["detail"])
+            for key in ("step_ms", "step_ms_min", "over_plain", "over_funcnet",
+                        "paired_over_funcnet", "temp_over_plain"):
+                assert _positive_finite(row[key]), (label, name, key, row.get(key))
+            assert row["temp_bytes"] >= 0 and row["compile_s"] >= 0
+        for name in FUNCNET_ROWS:
+            assert by[name]["over_funcnet"] == 1  # its own counterpart
+    return labels
+
+
+def test_help(capsys):
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    try:
+        module = load_script(BENCHMARKS, "extensions")
+    finally:
+        if saved is None:  # the script sets it for torch; leave this process as it was
+            os.environ.pop("OMP_WAIT_POLICY", None)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--results" in out and "BackPACK" in out
+
+
+def test_quick_reports_absent_peers(tmp_path):
+    """PyTorch (so BackPACK and Opacus) and jax-privacy made unimportable."""
+    results, markdown = _run(tmp_path, ["--configs", "1"], blocked=PEER_MODULES)
+    labels = _funcnet_rows_ok(results)
+    assert labels == ["8->16x3->10, batch 4"]
+    for library in ("torch", "backpack", "opacus", "jax-privacy"):
+        entry = results["libraries"][library]
+        assert entry["status"] == "absent" and "not installed" in entry["detail"]
+    peer_rows = [r for r in results["rows"] if r["contender"] in TORCH_ROWS
+                 or r["library"] == "jax-privacy"]
+    assert len(peer_rows) == len(labels) * (len(TORCH_ROWS) + 1)
+    for row in peer_rows:
+        assert row["status"] == "absent" and "step_ms" not in row
+        assert math.isnan(row["over_funcnet"])
+    for summary in results["configs"]:
+        assert all(math.isnan(v) for k, v in summary["checks"].items()
+                   if k.startswith(("backpack", "opacus", "torch", "jax-privacy")))
+    peer_targets = [t for t in results["targets"] if t["target"].split(": ")[1].startswith(
+        ("backpack", "opacus"))]
+    assert len(peer_targets) == len(labels) * 5
+    assert all("(absent)" in t["target"] and t["met"] is False for t in peer_targets)
+    funcnet_targets = [t for t in results["targets"] if t not in peer_targets]
+    assert len(funcnet_targets) == len(labels) * 5
+    assert all(_positive_finite(t["measured"]) for t in funcnet_targets)
+    assert "backpack +4 ext absent" in markdown and "opacus clipping (hooks) absent" in markdown
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in PEER_MODULES[:3]),
+                    reason="PyTorch, BackPACK or Opacus not installed (the bench extra)")
+def test_quick_with_peers(tmp_path):
+    """With the peers installed: they run, and agree with funcnet and the vmap reference."""
+    results, _ = _run(tmp_path, ["--configs", "0"])
+    (label,) = _funcnet_rows_ok(results)
+    by = {r["contender"]: r for r in results["rows"]}
+    for name in TORCH_ROWS:
+        assert by[name]["status"] == "ok", (name, by[name]["detail"])
+        assert _positive_finite(by[name]["step_ms"]) and _positive_finite(by[name]["over_funcnet"])
+    checks = results["configs"][0]["checks"]
+    for check in ("backpack BatchL2Grad: batch_l2 * B^2 vs fnet batch_l2",
+                  "backpack +3 ext: batch_l2 * B^2 vs fnet batch_l2",
+                  "backpack +3 ext: sum_grad_squared * B vs fnet second_moment",
+                  "backpack +3 ext: variance * B^2 vs fnet variance",
+                  "torch backward: grads vs jax.value_and_grad",
+                  "opacus clipping (hooks): clipped grads vs vmap clipped",
+                  "opacus ghost clipping: clipped grads vs vmap clipped"):
+        assert checks[check] < 1e-3, (check, checks[check])
+    privacy = by["jax-privacy clipped grad"]
+    assert privacy["status"] in ("ok", "absent"), privacy["detail"]  # never a crash
+    if privacy["status"] == "ok":
+        assert checks["jax-privacy clipped grad: clipped grads vs vmap clipped"] < 1e-3
