@@ -67,6 +67,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence  # noqa: E402
 
@@ -295,6 +296,8 @@ def library_status(library: str):
 def torch_model(weights):
     import torch
 
+    # PyTorch's note that the input x needs no gradient (BackPACK's and Opacus' hooks)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     modules = []
     for w, b in weights:
         linear = torch.nn.Linear(w.shape[0], w.shape[1])
@@ -526,13 +529,17 @@ def run_config(config: Config, names: Sequence[str], statuses, threads: int, rep
                 outputs[name] = {k: [t.detach().numpy().copy() for t in v]
                                  for k, v in read().items()}
             calls[name] = call
+            print(f"    {name}: " + (f"compiled in {row['compile_s']:.1f} s, " if "compile_s" in row
+                                     else "") + f"first call {row['first_call_s']:.2f} s",
+                  flush=True)
         except Exception as error:  # a peer whose API moved: say so, keep going
             _failed(row, error)
 
     checks = correctness(config, outputs, reference, structure, rows)
     del reference, outputs
 
-    times = interleaved_times(calls, repeats=repeats, warmup=warmup, seed=seed)
+    times = interleaved_times(_with_progress(calls, repeats + warmup), repeats=repeats,
+                              warmup=warmup, seed=seed)
     for name, ts in times.items():
         stats = summarize(ts)
         rows[name].update({"step_ms": 1e3 * stats["median"], "step_ms_q1": 1e3 * stats["q1"],
@@ -559,6 +566,24 @@ def run_config(config: Config, names: Sequence[str], statuses, threads: int, rep
                "per_example_grads_mib": mib(4.0 * config.batch * config.n_params()),
                "checks": checks}
     return list(rows.values()), summary
+
+
+def _with_progress(calls: Dict[str, Callable[[], Any]], rounds: int):
+    """The same callables, printing a line after every round (every contender once)."""
+    state = {"n": 0, "start": time.perf_counter()}
+
+    def wrap(call):
+        def wrapped():
+            result = call()
+            state["n"] += 1
+            if state["n"] % len(calls) == 0:
+                print(f"    round {state['n'] // len(calls)}/{rounds} done "
+                      f"({time.perf_counter() - state['start']:.0f} s)", flush=True)
+            return result
+
+        return wrapped
+
+    return {name: wrap(call) for name, call in calls.items()}
 
 
 def _failed(row, error):

@@ -2,6 +2,7 @@
 numbers say what the experiment claims."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ def _outputs(folder, png):
     return results
 
 
-@pytest.mark.parametrize("name", ["digits", "breast_cancer", "diabetes", "gradient_flow"])
+@pytest.mark.parametrize("name", ["digits", "breast_cancer", "diabetes", "gradient_flow",
+                                  "private_digits", "gradient_noise"])
 def test_help(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         _load(name).main(["--help"])
@@ -72,3 +74,59 @@ def test_gradient_flow_shows_vanishing_sigmoid_gradients(tmp_path):
     assert len(sigmoid["q_norms"][0]) == 26  # z_1 .. z_{L+1}, L = 25
     assert sigmoid["p_first_over_last_at_init"] < 1e-4
     assert sigmoid["p_first_over_last_at_init"] < tanh["p_first_over_last_at_init"] / 100
+
+
+def test_private_digits_smoke(tmp_path):
+    # one private setting and no clipping-only row: every noise multiplier compiles its
+    # own DP-SGD step (~6 s each here); the next test covers several privacy levels
+    runs = _load("private_digits").main(["--results", str(tmp_path), "--quick", "--epsilons",
+                                         "2", "--no-clip-only", "--no-progress"])
+    results = _outputs(tmp_path, "accuracy_vs_epsilon.png")
+    assert (tmp_path / "accuracy_vs_epoch.png").read_bytes()[:8] == PNG_MAGIC
+    assert [run["setting"] for run in runs] == [row["setting"] for row in results["rows"]]
+    baseline, private = results["runs"]
+    assert baseline["setting"] == "non-private" and baseline["noise_multiplier"] is None
+    assert baseline["epsilon"] is None and baseline["delta"] is None  # no privacy
+    assert private["target_epsilon"] == 2.0 and private["delta"] == 1e-5
+    # calibrated: the whole run spends at most the target, and not much less
+    assert 0.95 * 2.0 <= private["epsilon"] <= 2.0 * (1 + 1e-9)
+    budget = [row["epsilon"] for row in private["epochs"]]
+    assert budget == sorted(budget) and 0 < budget[0] < budget[-1]  # spent epoch by epoch
+    for run in results["runs"]:
+        assert len(run["epochs"]) == 3 and run["steps"] == results["steps"]
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["seconds_per_epoch"] > 0 and run["eval_seconds"] > 0
+    assert baseline["test_accuracy"] > 0.5  # three epochs of Adam learn something
+
+
+def test_private_digits_calibration_spends_more_epsilon_with_less_noise():
+    import funcnet as fnet
+
+    module = _load("private_digits")
+    rate, steps = 256 / 1347, 3 * 5  # the quick run's sampling rate and steps
+    sigmas = [module.calibrate(eps, 1.0, 1e-5, rate, steps) for eps in (0.5, 2.0, 8.0)]
+    assert sigmas[0] > sigmas[1] > sigmas[2] > 0  # less noise, more epsilon
+    for eps, sigma in zip((0.5, 2.0, 8.0), sigmas):
+        spent = fnet.privacy_spent(fnet.dp_sgd(1.0, sigma, 1e-5), rate, steps)
+        assert 0.98 * eps <= spent <= eps  # at most the target, and within the tolerance
+        more_noise = fnet.privacy_spent(fnet.dp_sgd(1.0, sigma * 1.01, 1e-5), rate, steps)
+        assert more_noise < spent
+
+
+def test_gradient_noise_snr_is_finite_positive_and_falls(tmp_path):
+    run = _load("gradient_noise").main(["--results", str(tmp_path), "--quick", "--no-progress"])
+    results = _outputs(tmp_path, "gradient_noise.png")
+    assert results["layers"] == run["layers"] == ["dense 1", "dense 2", "dense 3"]
+    assert results["probe_size"] == results["n_train"]  # statistics over the whole training set
+    snapshots = results["snapshots"]
+    assert [s["step"] for s in snapshots] == list(range(0, 61, 10))
+    for s in snapshots:
+        for key in ("snr", "snr_entries", "variance_sum", "variance_mean", "grad_sq_norm"):
+            assert len(s[key]) == 3
+            assert all(math.isfinite(v) and v > 0 for v in s[key]), (key, s)
+        for k in range(3):
+            assert s["snr"][k] == pytest.approx(s["grad_sq_norm"][k] / s["variance_sum"][k], rel=1e-5)
+            assert 0 <= s["unresolved"][k] < s["entries"][k]
+    assert snapshots[-1]["train_loss"] < snapshots[0]["train_loss"]
+    # the mean gradient shrinks faster than the per-example spread as the loss falls
+    assert sum(snapshots[-1]["snr"]) < sum(snapshots[0]["snr"])

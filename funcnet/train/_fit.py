@@ -31,8 +31,9 @@ from funcnet.train._metrics import measure
 from funcnet.train._fingerprint import differences, fingerprint
 from funcnet.train._fit_checks import check_fit
 from funcnet.train._parallel import replicated, shard_batch
-from funcnet.train._privacy import (DPSGD, poisson_masks, poisson_sample, private_step,
-                                    privacy_spent, zeros_like_tree)
+from funcnet.train._privacy import (DPSGD, chunk_size, noise_std, poisson_masks,
+                                    poisson_sample, private_step, privacy_spent,
+                                    zeros_like_tree)
 from funcnet.train._state import TrainState, init_train_state, owned_copy
 from funcnet.train._step import step_fn, train_step
 
@@ -175,9 +176,9 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         ``key``), clips each sampled example's gradient to ``max_norm``, adds Gaussian
         noise of standard deviation ``noise_multiplier * max_norm`` to the clipped sum
         and divides by the expected batch size ``batch_size``; an epoch is n //
-        batch_size such steps. The sample runs in chunks of ``batch_size`` examples
-        (padding masked out, nothing truncated), so every step compiles to the same
-        shapes. Each epoch's history row gains ``epsilon`` and ``delta``: the privacy
+        batch_size such steps. The sample runs in chunks of batch_size + 2 sqrt(batch_size)
+        examples (padding masked out, nothing truncated; a second chunk about 2% of the
+        time), so every step compiles to the same shapes. Each epoch's history row gains ``epsilon`` and ``delta``: the privacy
         spent so far, by dp-accounting's RDP accountant for Poisson sampling. Not
         combined with ``mesh`` or ``steps_per_call > 1``.
 
@@ -287,11 +288,12 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     return FitResult(state, history)
 
 
-def _private_fit_step(net, loss, optimizer, privacy: DPSGD, remat, x, y, chunk: int):
+def _private_fit_step(net, loss, optimizer, privacy: DPSGD, remat, x, y, batch_size: int):
     """fit's ``step(state, (masks, noise_key), t, 1)`` for DP-SGD: step t's Poisson sample
-    (row t of the masks) in chunks of ``chunk`` examples through the compiled
-    accumulate, then the noised update (denominator: the expected batch size)."""
-    accumulate, update = private_step(net, loss, optimizer, privacy, remat)
+    (row t of the masks) in chunks (:func:`chunk_size`) through the compiled accumulate,
+    then the noised update (denominator: the expected batch size ``batch_size``)."""
+    accumulate, update = private_step(net, loss, optimizer, remat)
+    chunk = chunk_size(batch_size, int(jnp.shape(x)[0]))
 
     def step(state, batches, start, count):
         masks, noise_key = batches
@@ -299,9 +301,10 @@ def _private_fit_step(net, loss, optimizer, privacy: DPSGD, remat, x, y, chunk: 
         total, loss_total = zeros_like_tree(state.params), jnp.zeros((), jnp.float32)
         for begin in range(0, len(indices), chunk):
             total, loss_total = accumulate(state.params, x, y, indices[begin:begin + chunk],
-                                           weights[begin:begin + chunk], total, loss_total)
+                                           weights[begin:begin + chunk], total, loss_total,
+                                           privacy.max_norm)
         return update(state, total, loss_total, sampled, jax.random.fold_in(noise_key, start),
-                      chunk)
+                      batch_size, noise_std(privacy))
 
     return step
 

@@ -33,10 +33,11 @@ from funcnet._errors import ArgumentError
 from funcnet.ad._per_example import clipped_mean
 from funcnet.train._state import TrainState
 
-try:  # an optional dependency: pip install funcnet[privacy]
+try:  # an optional dependency: the privacy extra
     import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant as rdp_accountant
 except ImportError:  # pragma: no cover - exercised by the error message only
-    dp_accounting = None
+    dp_accounting = rdp_accountant = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +78,22 @@ def privacy_spent(privacy: DPSGD, sampling_rate: float, steps: int) -> float:
         return 0.0
     if privacy.noise_multiplier == 0:
         return math.inf
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(
-            sampling_rate, dp_accounting.GaussianDpEvent(privacy.noise_multiplier)), steps)
+    orders, rdp = _one_step_rdp(float(sampling_rate), privacy.noise_multiplier)
+    # RDP adds up over composed steps: `steps` identical steps are steps * rdp, exactly
+    # what the accountant's compose(event, count=steps) computes
+    epsilon, _ = rdp_accountant.compute_epsilon(orders, [steps * r for r in rdp],
+                                                privacy.delta)
+    return float(epsilon)
+
+
+@bounded_cache(maxsize=64)
+def _one_step_rdp(sampling_rate: float, noise_multiplier: float):
+    """(orders, RDP at each order) of one Poisson-sampled Gaussian step, by dp-accounting's
+    RDP accountant (about 0.2 s to compute; cached, as fit asks after every epoch)."""
     accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(event)
-    return float(accountant.get_epsilon(privacy.delta))
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)))
+    return tuple(accountant.orders), tuple(float(r) for r in accountant.rdp)
 
 
 def check_privacy(privacy) -> None:
@@ -96,29 +107,31 @@ def check_privacy(privacy) -> None:
 
 
 @bounded_cache(maxsize=32)
-def private_step(net, loss, optimizer, privacy: DPSGD, remat: str):
-    """``(accumulate, update)``, both compiled:
+def private_step(net, loss, optimizer, remat: str):
+    """``(accumulate, update)``, both compiled (once for every clipping norm and noise
+    multiplier, which are arguments):
 
-    - ``accumulate(params, x, y, indices, weights, total, loss_total)`` adds the clipped
-      sum sum_b w_b c_b g_b and the weighted example losses of the examples
+    - ``accumulate(params, x, y, indices, weights, total, loss_total, max_norm)`` adds
+      the clipped sum sum_b w_b c_b g_b and the weighted example losses of the examples
       ``x[indices]`` (weights 1 for sampled ones, 0 for padding) to the running totals;
-    - ``update(state, total, loss_total, count, key, denominator)`` adds the noise
-      N(0, sigma^2 C^2) drawn from ``key`` to the total, divides by the denominator and
-      takes the optimizer step (state donated); returns (state, the sample's mean loss).
+    - ``update(state, total, loss_total, count, key, denominator, noise_std)`` adds noise
+      N(0, noise_std^2) (noise_std = sigma C) drawn from ``key`` to the total, divides by
+      the denominator and takes the optimizer step (state donated); returns (state, the
+      sample's mean loss).
     """
 
-    def accumulate(params, x, y, indices, weights, total, loss_total):
+    def accumulate(params, x, y, indices, weights, total, loss_total, max_norm):
         x_chunk, y_chunk = x[indices], jax.tree.map(lambda t: t[indices], y)
-        record, _, mean = clipped_mean(net, loss, privacy.max_norm, remat, params, x_chunk,
-                                       y_chunk, weights)
+        record, _, mean = clipped_mean(net, loss, max_norm, remat, params, x_chunk, y_chunk,
+                                       weights)
         size = weights.shape[0]
         total = jax.tree.map(lambda t, g: t + g * size, total, mean)
         losses = jax.vmap(lambda o, t: loss(o[None], jax.tree.map(lambda a: a[None], t)))(
             record.activations[-1], y_chunk)
         return total, loss_total + jnp.sum(losses * weights)
 
-    def update(state: TrainState, total, loss_total, count, key, denominator):
-        grads = jax.tree.map(lambda g: g / denominator, _noised(total, key, privacy))
+    def update(state: TrainState, total, loss_total, count, key, denominator, noise_std):
+        grads = jax.tree.map(lambda g: g / denominator, _noised(total, key, noise_std))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), loss_total / jnp.maximum(count, 1)
@@ -126,30 +139,42 @@ def private_step(net, loss, optimizer, privacy: DPSGD, remat: str):
     return jax.jit(accumulate, donate_argnums=(5, 6)), jax.jit(update, donate_argnums=0)
 
 
-def _noised(total, key, privacy: DPSGD):
-    """total + N(0, (sigma C)^2) entrywise, one key per leaf."""
+def _noised(total, key, noise_std):
+    """total + N(0, noise_std^2) entrywise, one key per leaf."""
     leaves, treedef = jax.tree.flatten(total)
     keys = jax.random.split(key, max(len(leaves), 1))
-    scale = privacy.noise_multiplier * privacy.max_norm
     return jax.tree.unflatten(treedef, [
-        leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+        leaf + noise_std * jax.random.normal(k, leaf.shape, leaf.dtype)
         for k, leaf in zip(keys, leaves)])
 
 
 def private_train_step(net, loss, optimizer, privacy: DPSGD, remat: str):
     """``step(state, x, y, key) -> (state, mean loss)``: DP-SGD on the whole batch given
     (denominator: its size), the noise drawn from ``key``; see :func:`private_step`."""
-    accumulate, update = private_step(net, loss, optimizer, privacy, remat)
+    accumulate, update = private_step(net, loss, optimizer, remat)
 
     def step(state: TrainState, x, y, key):
         check_key("key", key)
         batch = jnp.shape(x)[0]
         total, loss_total = accumulate(state.params, x, y, jnp.arange(batch),
                                        jnp.ones((batch,), jnp.float32),
-                                       zeros_like_tree(state.params), jnp.zeros((), jnp.float32))
-        return update(state, total, loss_total, batch, key, batch)
+                                       zeros_like_tree(state.params), jnp.zeros((), jnp.float32),
+                                       privacy.max_norm)
+        return update(state, total, loss_total, batch, key, batch, noise_std(privacy))
 
     return step
+
+
+def noise_std(privacy: DPSGD) -> float:
+    """sigma C, the standard deviation of the noise added to the clipped sum."""
+    return privacy.noise_multiplier * privacy.max_norm
+
+
+def chunk_size(batch_size: int, examples: int) -> int:
+    """How many examples one compiled walk of fit's private step takes: the expected
+    sample size plus two of its standard deviations (about sqrt(batch_size)), so that a
+    Poisson sample needs a second, mostly padded chunk only about 2% of the time."""
+    return min(examples, batch_size + math.ceil(2 * math.sqrt(batch_size)))
 
 
 @jax.jit

@@ -27,39 +27,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 import funcnet as fnet
 
 # pytest runs with --import-mode=importlib; conftest puts tests/ on sys.path.
-from exactness import TOL, assert_close, random_params, rel_err  # noqa: E402
+from exactness import assert_close, random_params, rel_err  # noqa: E402
 
 LOSS = fnet.losses.squared_error
 POLICIES = ("keep", "sqrt", "recompute")
+MODES = {"jit": jax.jit, "eager": lambda fn: fn}
 
 
 # ---------------------------------------------------------------------------------------
 # Helpers and references.
 
-def _scale(w, z):
-    return w["scale"][None] * z
-
-
-def _init_scale(key, in_shape):
-    return {"scale": 1.0 + 0.5 * jax.random.normal(key, in_shape[-1:])}
-
-
-SCALE = fnet.layer(_scale, _init_scale, name="scale")
-
-
 def container_net():
-    """Top-level layers: dense, a residual, a repeat (of a chain with a user layer), a
-    nested chain, a parameterless layer and dense."""
+    """Top-level layers: dense, a residual, a repeat, a nested chain, a parameterless
+    layer and dense."""
     return fnet.chain(
         fnet.dense(4),
-        fnet.residual(fnet.chain(fnet.dense(4), fnet.tanh)),
-        fnet.repeat(fnet.chain(fnet.dense(4), SCALE, fnet.sigmoid), 3),
-        fnet.chain(fnet.dense(3), fnet.relu, fnet.residual(fnet.dense(3))),
+        fnet.residual(fnet.dense(4)),
+        fnet.repeat(fnet.chain(fnet.dense(4), fnet.sigmoid), 4),
+        fnet.chain(fnet.dense(3), fnet.relu),
         fnet.tanh,
         fnet.dense(2))
 
@@ -110,71 +99,76 @@ def reference(net, loss=LOSS):
 # ---------------------------------------------------------------------------------------
 # Norms and the clipped mean, jitted and eager, under every memory policy.
 
+def norms_and_clipped(net, max_norms, remat="keep"):
+    """(params, x, y) -> (norms, [(value, clipped grads) per max_norm]), by
+    per_example_grad_norms and clipped_value_and_grad (one jitted program when jitted)."""
+    norms_fn = fnet.per_example_grad_norms(net, LOSS, remat=remat)
+    clipped_fns = [fnet.clipped_value_and_grad(net, LOSS, c, remat=remat) for c in max_norms]
+
+    def fn(params, x, y):
+        return norms_fn(params, x, y), [clipped(params, x, y) for clipped in clipped_fns]
+
+    return fn
+
+
+@pytest.mark.parametrize("mode, remat",
+                         [("jit", remat) for remat in POLICIES] + [("eager", "keep")])
+def test_norms_and_clipped_at_the_median_norm(mode, remat):
+    """Top-level layers: dense, a residual, a repeat of 4 copies (under sqrt two segments of
+    two), a nested chain, a parameterless layer. The norms; and at C = the median norm
+    half the examples are clipped, half not: mean_b min(1, C/||g_b||) g_b, and the value
+    is the plain batch loss."""
+    net = container_net()
+    params, x, y = problem(net, (3,), batch=6, seed=1)
+    _, _, norms, _ = reference(net)(params, x, y, 1.0)
+    norms = np.asarray(norms)
+    max_norm = float(np.median(norms))
+    assert np.sum(norms > max_norm) == 3 and np.sum(norms < max_norm) == 3
+    got_norms, [(value, grads)] = MODES[mode](norms_and_clipped(net, [max_norm], remat))(
+        params, x, y)
+    ref_value, per_example, _, clipped = reference(net)(params, x, y, max_norm)
+    what = f"{mode}, remat={remat}"
+    assert got_norms.shape == (6,) and got_norms.dtype == jnp.float64
+    assert_close(got_norms, norms, f"per_example_grad_norms, {what}")
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    assert_close(value, ref_value, f"value, {what}")
+    assert_close(grads, clipped, f"clipped mean at the median norm, {what}")
+    # clipping changed the result: it is not the plain mean gradient
+    plain = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example)
+    assert rel_err(grads[0]["w"], plain[0]["w"]) > 1e-3
+
+
 class ClippingVariants(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(*POLICIES)
-    def test_per_example_grad_norms(self, remat):
+    def test_huge_and_tiny_max_norms(self):
+        """C = 1e30 clips nothing: the plain gradient (fnet.value_and_grad). C below every
+        norm clips every example: C times the mean of the unit directions g_b/||g_b||."""
         net = container_net()
-        params, x, y = problem(net, (3,), batch=5)
-        got = self.variant(fnet.per_example_grad_norms(net, LOSS, remat=remat))(params, x, y)
-        _, _, norms, _ = reference(net)(params, x, y, 1.0)
-        assert got.shape == (5,) and got.dtype == jnp.float64
-        assert np.all(np.asarray(norms) > 0)
-        assert_close(got, norms, f"per_example_grad_norms, remat={remat}")
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(*POLICIES)
-    def test_clipped_at_the_median_norm(self, remat):
-        """Half the examples clipped, half not: mean_b min(1, C/||g_b||) g_b, and the value
-        is the plain batch loss."""
-        net = container_net()
-        params, x, y = problem(net, (3,), batch=6, seed=1)
-        _, _, norms, _ = reference(net)(params, x, y, 1.0)
-        max_norm = float(np.median(np.asarray(norms)))
-        assert np.sum(np.asarray(norms) > max_norm) == 3
-        assert np.sum(np.asarray(norms) < max_norm) == 3
-        value, grads = self.variant(
-            fnet.clipped_value_and_grad(net, LOSS, max_norm, remat=remat))(params, x, y)
-        ref_value, _, _, clipped = reference(net)(params, x, y, max_norm)
-        assert_close(value, ref_value, f"value, remat={remat}")
-        assert_close(grads, clipped, f"clipped mean at the median norm, remat={remat}")
-        # clipping changed the result: it is not the plain gradient
-        plain = fnet.grad(net, LOSS)(params, x, y)
-        assert rel_err(grads[0]["w"], plain[0]["w"]) > 1e-3
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_huge_max_norm_is_the_plain_gradient(self):
-        net = container_net()
-        params, x, y = problem(net, (3,), batch=4, seed=2)
-        value, grads = self.variant(fnet.clipped_value_and_grad(net, LOSS, 1e30))(params, x, y)
-        ref_value, per_example, _, clipped = reference(net)(params, x, y, 1e30)
-        ref_value_plain, plain = fnet.value_and_grad(net, LOSS)(params, x, y)
-        assert_close(grads, plain, "max_norm 1e30 vs fnet.value_and_grad")
-        assert_close(grads, jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example),
-                     "max_norm 1e30 vs the mean of the per-example gradients")
-        assert_close(value, ref_value_plain, "value vs fnet.value_and_grad")
-        assert_close(value, ref_value, "value vs the loss")
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_tiny_max_norm_clips_every_example(self):
-        """Every example clipped: the result is C times the mean of the unit directions
-        g_b / ||g_b||, the same for every C below the smallest norm up to the factor C."""
-        net = container_net()
-        params, x, y = problem(net, (3,), batch=4, seed=3)
+        params, x, y = problem(net, (3,), batch=6, seed=1)  # the reference compiled above
         _, per_example, norms, _ = reference(net)(params, x, y, 1.0)
         norms = np.asarray(norms)
-        max_norm = 1e-3 * float(norms.min())
+        tiny = 1e-3 * float(norms.min())
+        clipped_fn = norms_and_clipped(net, [1e30, tiny])
+        plain_fn = fnet.value_and_grad(net, LOSS)
+        (_, [(value, huge_grads), (_, tiny_grads)]), (plain_value, plain) = self.variant(
+            lambda p, x, y: (clipped_fn(p, x, y), plain_fn(p, x, y)))(params, x, y)
+        ref_value = reference(net)(params, x, y, 1e30)[0]
+        assert_close(huge_grads, plain, "max_norm 1e30 vs fnet.value_and_grad")
+        assert_close(huge_grads, jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example),
+                     "max_norm 1e30 vs the mean of the per-example gradients")
+        assert_close(value, plain_value, "value vs fnet.value_and_grad")
+        assert_close(value, ref_value, "value vs the loss")
+
         directions = jax.tree.map(
-            lambda g: jnp.mean(g / jnp.asarray(norms).reshape((4,) + (1,) * (g.ndim - 1)),
+            lambda g: jnp.mean(g / jnp.asarray(norms).reshape((6,) + (1,) * (g.ndim - 1)),
                                axis=0), per_example)
-        _, grads = self.variant(fnet.clipped_value_and_grad(net, LOSS, max_norm))(params, x, y)
-        assert_close(grads, jax.tree.map(lambda d: max_norm * d, directions),
+        assert_close(tiny_grads, jax.tree.map(lambda d: tiny * d, directions),
                      "max_norm below every norm: C times the mean unit direction")
         # every clipped example has norm C: the result's norm is at most C
         total = np.sqrt(sum(float(np.sum(np.square(np.asarray(g))))
-                            for g in jax.tree.leaves(grads)))
-        assert total <= max_norm * (1 + 1e-12)
+                            for g in jax.tree.leaves(tiny_grads)))
+        assert 0 < total <= tiny * (1 + 1e-12)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_an_example_with_a_zero_gradient(self):
@@ -187,16 +181,14 @@ class ClippingVariants(chex.TestCase):
         x = x.at[0].set(0.0)
         y = y.at[0].set(0.0)
         assert np.all(np.asarray(net.apply(params, x[:1])) == 0.0)
-        norms = self.variant(fnet.per_example_grad_norms(net, LOSS))(params, x, y)
         _, per_example, ref_norms, _ = reference(net)(params, x, y, 1.0)
+        assert all(np.all(np.asarray(g)[0] == 0.0) for g in jax.tree.leaves(per_example))
+        max_norm = 0.5 * float(np.min(np.asarray(ref_norms[1:])))  # clips examples 1..3
+        norms, [(value, grads)] = self.variant(norms_and_clipped(net, [max_norm]))(
+            params, x, y)
         assert float(norms[0]) == 0.0
         assert np.all(np.asarray(norms[1:]) > 0)
         assert_close(norms, ref_norms, "norms with a zero-gradient example")
-        assert all(np.all(np.asarray(g)[0] == 0.0) for g in jax.tree.leaves(per_example))
-
-        max_norm = 0.5 * float(np.min(np.asarray(ref_norms[1:])))  # clips examples 1..3
-        value, grads = self.variant(fnet.clipped_value_and_grad(net, LOSS, max_norm))(
-            params, x, y)
         ref_value, _, _, clipped = reference(net)(params, x, y, max_norm)
         for g in jax.tree.leaves((value, grads)):
             assert np.all(np.isfinite(np.asarray(g)))
@@ -211,26 +203,13 @@ class ClippingVariants(chex.TestCase):
         params, x, y = problem(net, (3,), batch=4, seed=5)
         _, _, norms, _ = reference(net)(params, x, y, 1.0)
         max_norm = float(np.median(np.asarray(norms)))
-        got_norms = self.variant(fnet.per_example_grad_norms(net, LOSS))(params, x, y)
-        value, grads = self.variant(fnet.clipped_value_and_grad(net, LOSS, max_norm))(
+        got_norms, [(value, grads)] = self.variant(norms_and_clipped(net, [max_norm]))(
             params, x, y)
         ref_value, _, _, clipped = reference(net)(params, x, y, max_norm)
         assert jax.tree.structure(grads) == jax.tree.structure(params)
         assert_close(got_norms, norms, "norms of a residual net")
         assert_close(value, ref_value, "value of a residual net")
         assert_close(grads, clipped, "clipped mean of a residual net")
-
-
-def test_norms_match_batch_l2():
-    """per_example_grad_norms squared is the sum over leaves of batch_l2."""
-    net = container_net()
-    params, x, y = problem(net, (3,), batch=3, seed=6)
-    norms = jax.jit(fnet.per_example_grad_norms(net, LOSS, remat="sqrt"))(params, x, y)
-    record = jax.jit(lambda p, x, y: fnet.backprop(
-        net, LOSS, p, x, y, extensions=(fnet.extensions.batch_l2(),), remat="sqrt"))(
-        params, x, y)
-    total = sum(np.asarray(a) for a in jax.tree.leaves(record.extensions["batch_l2"]))
-    assert rel_err(np.square(np.asarray(norms)), total) <= TOL
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 import funcnet as fnet
-from funcnet.train._privacy import poisson_masks
+from funcnet.train import _fit as fit_module
+from funcnet.train._privacy import chunk_size, poisson_masks
 
 pytestmark = pytest.mark.standard_promotion  # optax promotes Python floats against int32
 
@@ -77,16 +78,21 @@ def test_private_step_noise_is_gaussian_with_sigma_times_the_norm():
     assert _max_diff(b.params, c.params) == 0.0  # the same key, the same noise
 
 
-def test_fit_uses_every_poisson_sampled_example_in_chunks():
+@pytest.mark.parametrize("chunk", [None, 2], ids=["default chunks", "chunks of 2"])
+def test_fit_uses_every_poisson_sampled_example_in_chunks(chunk, monkeypatch):
     """One epoch of private fit with sigma = 0 equals the reference loop over the same
-    Poisson samples, which here often exceed the chunk (batch_size 4, q = 0.1 of 40)."""
+    Poisson samples (batch_size 4, q = 0.1 of 40), in the default chunks (4 + 2 sqrt(4) =
+    8 examples) and in chunks of 2, which most samples exceed: accumulated over chunks."""
+    if chunk is not None:
+        monkeypatch.setattr(fit_module, "chunk_size", lambda batch_size, examples: chunk)
     net, params, x, y = _problem(n=40)
     key, batch_size, lr, max_norm = jax.random.key(5), 4, 0.2, 0.7
     result = fnet.fit(net, LOSS, optax.sgd(lr), params, x, y, key=key, epochs=1,
                       batch_size=batch_size, privacy=fnet.dp_sgd(max_norm, 0.0), progress=False)
     masks, _ = poisson_masks(key, 0, 10, 40, batch_size / 40)
     masks = np.asarray(masks)
-    assert max(masks.sum(axis=1)) > batch_size  # the chunking was exercised
+    if chunk is not None:
+        assert max(masks.sum(axis=1)) > 2 * chunk  # three chunks or more were accumulated
     reference = params
     for row in masks:
         sampled = np.flatnonzero(row)
@@ -111,6 +117,12 @@ def test_fit_reports_the_privacy_spent_by_dp_accounting():
         8 / 40, dp_accounting.GaussianDpEvent(1.3)), 15)
     assert epsilons[-1] == pytest.approx(accountant.get_epsilon(1e-4), rel=1e-12)
     assert fnet.privacy_spent(privacy, 0.2, 15) == epsilons[-1]
+
+
+def test_chunks_hold_the_expected_sample_and_two_standard_deviations():
+    assert chunk_size(256, 60000) == 256 + 32
+    assert chunk_size(4, 40) == 8
+    assert chunk_size(64, 70) == 70  # never more than the examples there are
 
 
 def test_privacy_spent_behaves_as_privacy_does():

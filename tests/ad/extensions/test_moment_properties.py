@@ -12,7 +12,8 @@ whose rounding error is relative to m, not to the variance: where the examples' 
 (nearly) agree -- a batch of one, a leaf all examples share -- the variance is 0 (or
 tiny) while m is not. Its error is bounded by 1e-10 max |m| of the leaf.
 
-Examples per property are few: each compiles a fresh network (see test_properties.py).
+Examples are few and networks small: each example compiles a fresh network and its
+reference (see test_properties.py); the file runs in about 10-15 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from strategies import cases  # noqa: E402
 JIT = st.booleans()
 REMAT = st.sampled_from(["keep", "sqrt", "recompute"])
 MOMENTS = ("batch_l2", "second_moment", "variance")
+# smaller than the defaults: every example compiles its own network (and its reference)
+SIZES = dict(max_depth=5, max_width=12, max_batch=5)
 
 
 def maybe_jit(fn, jit: bool):
@@ -83,22 +86,30 @@ def assert_variance_close(got, expected, second_moment, what):
         assert err <= TOL * scale or err == 0.0, f"{what}: error {err:.3e}, max |m| {scale:.3e}"
 
 
-@settings(max_examples=8)
-@given(case=cases(), jit=JIT, remat=REMAT)
-def test_moments_match_vmapped_grads(case, jit, remat):
+@settings(max_examples=6)
+@given(case=cases(**SIZES), jit=JIT, remat=REMAT)
+def test_moments_norms_and_clipping_match_vmapped_grads(case, jit, remat):
+    """batch_l2, second_moment and variance (one backprop), per_example_grad_norms, and
+    clipped_value_and_grad at max_norm = the median norm (1 when every norm is 0), all
+    under the drawn policy, in one program when jitted."""
     net, loss = case.net, case.loss
+    norms_ref = reference(net, loss)(case.params, case.x, case.y, 1.0)["norms"]
+    median = float(np.median(np.asarray(norms_ref)))
+    max_norm = median if median > 0 else 1.0
+    extensions = (fnet.extensions.batch_l2(), fnet.extensions.second_moment(),
+                  fnet.extensions.variance())
+    norms_fn = fnet.per_example_grad_norms(net, loss, remat=remat)
+    clipped_fn = fnet.clipped_value_and_grad(net, loss, max_norm, remat=remat)
 
     def ours(params, x, y):
-        record = fnet.backprop(net, loss, params, x, y, remat=remat,
-                               extensions=(fnet.extensions.batch_l2(),
-                                           fnet.extensions.second_moment(),
-                                           fnet.extensions.variance()))
-        return record.extensions
+        record = fnet.backprop(net, loss, params, x, y, extensions=extensions, remat=remat)
+        return record.extensions, norms_fn(params, x, y), clipped_fn(params, x, y)
 
-    got = maybe_jit(ours, jit)(case.params, case.x, case.y)
-    expected = reference(net, loss)(case.params, case.x, case.y, 1.0)
+    got, norms, (value, clipped) = maybe_jit(ours, jit)(case.params, case.x, case.y)
+    expected = reference(net, loss)(case.params, case.x, case.y, max_norm)
     batch = case.x.shape[0]
     what = f"remat={remat}, {'jit' if jit else 'eager'} ({case.description})"
+
     for name in MOMENTS:
         assert jax.tree.structure(got[name]) == jax.tree.structure(case.params), (name, what)
     for leaf, m, v, p in zip(jax.tree.leaves(got["batch_l2"]),
@@ -111,25 +122,7 @@ def test_moments_match_vmapped_grads(case, jit, remat):
     assert_variance_close(got["variance"], expected["variance"], expected["second_moment"],
                           f"variance, {what}")
 
-
-@settings(max_examples=8)
-@given(case=cases(), jit=JIT, remat=REMAT)
-def test_per_example_grad_norms_and_clipping(case, jit, remat):
-    """The norms, and the clipped mean at max_norm = the median norm (1 when every norm
-    is 0), against the definitions; the value is the plain batch loss."""
-    net, loss = case.net, case.loss
-    norms_ref = reference(net, loss)(case.params, case.x, case.y, 1.0)["norms"]
-    median = float(np.median(np.asarray(norms_ref)))
-    max_norm = median if median > 0 else 1.0
-
-    def ours(params, x, y):
-        return (fnet.per_example_grad_norms(net, loss, remat=remat)(params, x, y),
-                fnet.clipped_value_and_grad(net, loss, max_norm, remat=remat)(params, x, y))
-
-    norms, (value, clipped) = maybe_jit(ours, jit)(case.params, case.x, case.y)
-    expected = reference(net, loss)(case.params, case.x, case.y, max_norm)
-    what = f"remat={remat}, {'jit' if jit else 'eager'} ({case.description})"
-    assert norms.shape == (case.x.shape[0],), what
+    assert norms.shape == (batch,), what
     assert_close(norms, expected["norms"], f"per_example_grad_norms, {what}")
     assert jax.tree.structure(clipped) == jax.tree.structure(case.params), what
     assert_close(value, expected["value"], f"value, {what}")
