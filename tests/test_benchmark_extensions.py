@@ -39,12 +39,27 @@ def _positive_finite(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+# A finder that refuses the blocked modules as if they were not installed. (Setting
+# sys.modules[name] = None instead leaves a None that SciPy's array-API helpers, imported
+# through dp_accounting, dereference when they look for torch.Tensor.)
+BLOCKER = """
+import importlib.abc, runpy, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, Blocked())
+sys.argv = [SCRIPT] + sys.argv[1:]
+runpy.run_path(SCRIPT, run_name="__main__")
+"""
+
+
 def _run(tmp_path, args, blocked=()):
     """The script at --quick size in a fresh process, ``blocked`` modules unimportable."""
-    code = ("import runpy, sys; "
-            + "".join(f"sys.modules[{name!r}] = None; " for name in blocked)
-            + f"sys.argv = [{str(SCRIPT)!r}] + sys.argv[1:]; "
-            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    code = f"BLOCKED = {set(blocked)!r}; SCRIPT = {str(SCRIPT)!r}\n" + BLOCKER
     done = subprocess.run(
         [sys.executable, "-c", code, "--quick", "--repeats", "2", "--warmup", "0",
          "--results", str(tmp_path), *args],

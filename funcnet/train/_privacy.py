@@ -33,11 +33,6 @@ from funcnet._errors import ArgumentError
 from funcnet.ad._per_example import clipped_mean
 from funcnet.train._state import TrainState
 
-try:  # an optional dependency: the privacy extra
-    import dp_accounting
-    from dp_accounting.rdp import rdp_privacy_accountant as rdp_accountant
-except ImportError:  # pragma: no cover - exercised by the error message only
-    dp_accounting = rdp_accountant = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +66,7 @@ def dp_sgd(max_norm: float, noise_multiplier: float, delta: float = 1e-5) -> DPS
 def privacy_spent(privacy: DPSGD, sampling_rate: float, steps: int) -> float:
     """epsilon of ``steps`` DP-SGD steps with Poisson sampling rate q at ``privacy.delta``,
     by the RDP accountant of ``dp-accounting`` (infinite without noise, 0 for no step)."""
-    if dp_accounting is None:
-        raise ArgumentError("privacy", "counting the privacy spent needs dp-accounting: pip "
-                                       "install dp-accounting (or funcnet[privacy]).")
+    rdp_accountant = _accounting().rdp.rdp_privacy_accountant
     if steps == 0:
         return 0.0
     if privacy.noise_multiplier == 0:
@@ -90,9 +83,10 @@ def privacy_spent(privacy: DPSGD, sampling_rate: float, steps: int) -> float:
 def _one_step_rdp(sampling_rate: float, noise_multiplier: float):
     """(orders, RDP at each order) of one Poisson-sampled Gaussian step, by dp-accounting's
     RDP accountant (about 0.2 s to compute; cached, as fit asks after every epoch)."""
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(
-        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)))
+    accounting = _accounting()
+    accountant = accounting.rdp.RdpAccountant()
+    accountant.compose(accounting.PoissonSampledDpEvent(
+        sampling_rate, accounting.GaussianDpEvent(noise_multiplier)))
     return tuple(accountant.orders), tuple(float(r) for r in accountant.rdp)
 
 
@@ -100,10 +94,22 @@ def check_privacy(privacy) -> None:
     if not isinstance(privacy, DPSGD):
         raise ArgumentError("privacy", f"must be fnet.dp_sgd(max_norm, noise_multiplier, "
                                        f"delta), got {privacy!r}.")
-    if dp_accounting is None:
+    _accounting()
+
+
+def _accounting():
+    """The dp-accounting package, an optional dependency (the ``privacy`` extra) imported
+    when privacy is first asked for: it brings scipy.stats, which ``import funcnet``
+    should not pay for."""
+    try:
+        import dp_accounting
+        from dp_accounting.rdp import rdp_privacy_accountant  # noqa: F401 (its submodule)
+    except ImportError:
         raise ArgumentError("privacy", "DP-SGD reports the privacy it spends with "
                                        "dp-accounting, which is not installed: pip install "
-                                       "dp-accounting (or funcnet[privacy]).")
+                                       "dp-accounting (the privacy extra: pip install -e "
+                                       "'.[privacy]').") from None
+    return dp_accounting
 
 
 @bounded_cache(maxsize=32)

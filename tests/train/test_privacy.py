@@ -169,3 +169,28 @@ def test_private_training_refuses_what_it_does_not_support():
     step = fnet.train_step(net, LOSS, optax.sgd(0.1), privacy=privacy)
     with pytest.raises(fnet.ArgumentError, match=r"^key: must be one PRNG key"):
         step(fnet.init_train_state(params, optax.sgd(0.1)), x, y, 0)
+
+
+def test_each_clipped_example_gradient_has_norm_at_most_max_norm():
+    """With one example per batch the clipped mean is c_b g_b itself: its norm is
+    min(||g_b||, max_norm), never more."""
+    net, params, x, y = _problem(n=12)
+    clipped = jax.jit(fnet.clipped_value_and_grad(net, LOSS, 2.0))
+    norms = fnet.per_example_grad_norms(net, LOSS)(params, x, y)
+    assert float(jnp.max(norms)) > 2.0 > float(jnp.min(norms))  # both kinds of example
+    for b in range(12):
+        _, g = clipped(params, x[b:b + 1], y[b:b + 1])
+        norm = math.sqrt(sum(float(jnp.sum(leaf ** 2)) for leaf in jax.tree.leaves(g)))
+        assert norm <= 2.0 * (1 + 1e-12)
+        assert norm == pytest.approx(min(float(norms[b]), 2.0), rel=1e-10)
+
+
+def test_noise_differs_between_keys():
+    net, params, x, y = _problem(n=16)
+    optimizer = optax.sgd(1.0)
+    step = fnet.train_step(net, LOSS, optimizer, privacy=fnet.dp_sgd(0.5, 1.0))
+    a, _ = step(fnet.init_train_state(params, optimizer), x, y, jax.random.key(1))
+    b, _ = step(fnet.init_train_state(params, optimizer), x, y, jax.random.key(2))
+    differences = [np.abs(np.asarray(u) - np.asarray(v)) for u, v in
+                   zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params))]
+    assert all((d > 0).all() for d in differences)  # every entry got its own noise
