@@ -5,7 +5,6 @@ is asserted here: timings are the benchmarks' business, on a quiet machine."""
 import json
 import math
 import time
-from pathlib import Path
 
 import pytest
 

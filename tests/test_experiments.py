@@ -3,7 +3,6 @@ numbers say what the experiment claims."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 

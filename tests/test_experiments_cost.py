@@ -3,7 +3,6 @@ run, write JSON and PNG, and their numbers say what the experiments claim. No ti
 asserted (the machine is shared); FLOPs and bytes are deterministic."""
 
 import json
-from pathlib import Path
 
 import pytest
 

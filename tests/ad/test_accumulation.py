@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from funcnet.ad._accumulation import Product, Segment
 from funcnet.nn._layer import abstract_init
 
 # pytest runs with --import-mode=importlib, which puts no test directory on sys.path.
-from exactness import TOL, assert_close, random_params, rel_err  # noqa: E402
+from exactness import assert_close, random_params  # noqa: E402
 from strategies import Net, activations, layers  # noqa: E402
 
 MAX_WIDTH = 40

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from funcnet.nn._layer import abstract_init
 from funcnet.ad._policies import segment_bounds
 
 # pytest runs with --import-mode=importlib, which puts no test directory on sys.path.
-from exactness import TOL, assert_close, random_params, rel_err  # noqa: E402
+from exactness import assert_close, random_params  # noqa: E402
 from strategies import (Net, activations, chains, cosh_loss, huber_loss, layers,  # noqa: E402
                         networks, residuals)
 

@@ -21,7 +21,6 @@ The random networks include user layers (``fnet.layer``, some with their own
 
 from __future__ import annotations
 
-import sys
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,6 @@ and that tracing does not unroll (the jaxpr does not grow with n).
 from __future__ import annotations
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ import funcnet as fnet
 from funcnet.nn._layer import abstract_init
 
 # pytest runs with --import-mode=importlib, which puts no test directory on sys.path.
-from exactness import TOL, assert_close, random_params, rel_err  # noqa: E402
+from exactness import assert_close, random_params  # noqa: E402
 from strategies import activations  # noqa: E402
 
 LOSS = fnet.losses.squared_error

@@ -128,7 +128,7 @@ def test_non_finite_loss_stops_with_the_step_and_last_finite_loss():
         fnet.fit(net, LOSS, optax.sgd(0.01), params, x, y, key=key, epochs=1,
                  batch_size=1, progress=False)
     if bad_step > 1:
-        assert f"last finite loss was" in str(info.value)
+        assert "last finite loss was" in str(info.value)
         assert f"at step {bad_step - 1}" in str(info.value)
 
 
