@@ -88,10 +88,9 @@ from _timing import (benchmark_parser, blocking, cost_flops, environment,  # noq
                      interleaved_times, max_rel_diff, memory_stats, mib,
                      numpy_normal, numpy_params, save_results, summarize, table,
                      target_row, targets_table)
-from peers import machine, machine_line  # noqa: E402
+from peers import CLASSES, Config, funcnet_net, machine, machine_line  # noqa: E402
 
 NAME = "extensions"
-CLASSES = 10
 CHECK_TOL = 1e-3  # float32: a correctness check passes below this relative difference
 
 NORMS_TARGET = 20.0  # vmap norms / fnet norms at least
@@ -101,21 +100,6 @@ EXT_PLAIN_TARGET = 1.5  # fnet backprop (3 extensions) / fnet value_and_grad at 
 MEMORY_TARGET = 2.0  # fnet norms temp / fnet value_and_grad temp at most
 SLOW_SECONDS = 20.0  # a peer whose first call takes longer is timed apart (--slow-seconds)
 SLOW_REPEATS = 2  # ... in this many runs
-
-
-class Config(NamedTuple):
-    label: str
-    fan_in: int
-    width: int
-    depth: int
-    batch: int
-
-    def sizes(self) -> List[int]:
-        return [self.fan_in] + [self.width] * self.depth + [CLASSES]
-
-    def n_params(self) -> int:
-        s = self.sizes()
-        return sum((a + 1) * b for a, b in zip(s[:-1], s[1:]))
 
 
 CONFIGS = [Config("784->1024x2->10, batch 512", 784, 1024, 2, 512),
@@ -192,16 +176,9 @@ PEER_NAMES = [c.name for c in CONTENDERS if c.library not in ("funcnet",)
 # --- the problem ----------------------------------------------------------------------------
 
 
-def build_net(config: Config):
-    layers = []
-    for _ in range(config.depth):
-        layers += [fnet.dense(config.width), fnet.relu]
-    return fnet.chain(*layers, fnet.dense(CLASSES))
-
-
 def make_problem(config: Config, seed: int):
     """(net, params on the device, x, y on the device, [(w, b)] numpy, x, y numpy)."""
-    net = build_net(config)
+    net = funcnet_net(config, CLASSES)
     params_np = numpy_params(net, (config.fan_in,), seed)
     x_np = numpy_normal((config.batch, config.fan_in), seed + 1)
     y_np = np.random.default_rng(seed + 2).integers(0, CLASSES, config.batch).astype(np.int32)

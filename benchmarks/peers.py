@@ -117,6 +117,10 @@ class Config(NamedTuple):
         s = self.sizes()
         return 6.0 * self.batch * sum(a * b for a, b in zip(s[:-1], s[1:]))
 
+    def n_params(self) -> int:
+        s = self.sizes()
+        return sum((a + 1) * b for a, b in zip(s[:-1], s[1:]))
+
 
 CONFIGS = [Config("64->256x4->10, batch 128", 64, 256, 4, 128),
            Config("784->1024x4->10, batch 256", 784, 1024, 4, 256),
@@ -615,7 +619,7 @@ HEADERS = ["library", "status", "step ms (median)", "IQR ms", "min ms", "time / 
 
 
 def report(results) -> str:
-    lines = [f"# Train step against peers (forward + backward + Adam, float32, CPU)", "",
+    lines = ["# Train step against peers (forward + backward + Adam, float32, CPU)", "",
              machine_line(results["machine"], results["load_average_end"]), "",
              "Median step time over {repeats} rounds after {warmup} warm-up rounds, each "
              "running every contender (in a random order) for {block} consecutive steps, "

@@ -97,7 +97,7 @@ def contenders(net, loss):
         f"reference: jax.value_and_grad with jax.checkpoint around segments of {size} "
         f"blocks (prevent_cse=True, the default)", jax.value_and_grad(checkpointed_loss(True)))
     rows["jax.checkpoint segments, prevent_cse=False"] = (
-        f"reference: the same with prevent_cse=False",
+        "reference: the same with prevent_cse=False",
         jax.value_and_grad(checkpointed_loss(False)))
     return rows
 
