@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+import funcnet as fnet
 from funcnet.atomic import atomic_write
 
 
@@ -79,3 +80,12 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[Path]:
     # reset that decision so the folder counts even when something compiled already
     compilation_cache.reset_cache()
     return folder
+
+
+def mlp(hidden: Sequence[int], classes: int = 10):
+    """The experiments' classifier: dense + relu for every width in ``hidden``, then
+    dense(classes) logits."""
+    layers = []
+    for width in hidden:
+        layers += [fnet.dense(width), fnet.relu]
+    return fnet.chain(*layers, fnet.dense(classes), name="mlp")

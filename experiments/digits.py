@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import funcnet as fnet
-from _common import (add_compilation_cache_flag, enable_compilation_cache, results_dir,
+from _common import (add_compilation_cache_flag, enable_compilation_cache, mlp, results_dir,
                      save_figure, table, write_json)
 
 
@@ -37,13 +37,6 @@ def configurations(scale: float):
         "mini-batch SGD": (optax.sgd(0.1), 32, epochs(40)),
         "Adam": (optax.adam(1e-3), 64, epochs(30)),
     }
-
-
-def mlp(hidden):
-    layers = []
-    for width in hidden:
-        layers += [fnet.dense(width), fnet.relu]
-    return fnet.chain(*layers, fnet.dense(10), name="mlp")
 
 
 def sklearn_reference(data, hidden, epochs, seed):

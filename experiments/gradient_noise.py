@@ -38,19 +38,12 @@ import optax
 from tqdm.auto import tqdm
 
 import funcnet as fnet
-from _common import (add_compilation_cache_flag, enable_compilation_cache, results_dir,
+from _common import (add_compilation_cache_flag, enable_compilation_cache, mlp, results_dir,
                      save_figure, table, write_json)
 
 #: Var g_j below this fraction of mean_b g_bj^2 is not resolved by float32's
 #: mean_b g^2 - (mean_b g)^2; such entries are left out of the per-entry SNR
 RESOLVED = 1e-6
-
-
-def mlp(hidden):
-    layers = []
-    for width in hidden:
-        layers += [fnet.dense(width), fnet.relu]
-    return fnet.chain(*layers, fnet.dense(10), name="mlp")
 
 
 def layer_statistics(net, loss):

@@ -41,18 +41,11 @@ import numpy as np
 import optax
 
 import funcnet as fnet
-from _common import (add_compilation_cache_flag, enable_compilation_cache, results_dir,
+from _common import (add_compilation_cache_flag, enable_compilation_cache, mlp, results_dir,
                      save_figure, table, write_json)
 
 BASELINE = "non-private"
 CLIP_ONLY = "clipping only (sigma = 0)"
-
-
-def mlp(hidden):
-    layers = []
-    for width in hidden:
-        layers += [fnet.dense(width), fnet.relu]
-    return fnet.chain(*layers, fnet.dense(10), name="mlp")
 
 
 def calibrate(target_epsilon: float, max_norm: float, delta: float, sampling_rate: float,
