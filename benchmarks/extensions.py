@@ -1,14 +1,18 @@
 """Per-example gradient quantities: funcnet's one-walk extensions against vmap(jax.grad),
 BackPACK, Opacus and jax-privacy.
 
-What is measured, for an MLP of dense + relu hidden layers and a softmax cross-entropy on
-10 classes with integer labels, float32, on the CPU, every contender on the SAME weights
-(funcnet's params, copied into PyTorch's layout) and the same batch:
+What is measured, for MLPs of dense + relu hidden layers and for the CNN of
+benchmarks/peers.py (28 x 28 x 1 inputs, batch 128: conv(16, 3) -> relu -> max_pool(2) ->
+conv(32, 3) -> relu -> max_pool(2) -> flatten -> dense(10)), with a softmax cross-entropy
+on 10 classes with integer labels, float32, on the CPU, every contender on the SAME weights
+(funcnet's params, copied into PyTorch's layout: Linear (out, in), Conv2d OIHW on
+channels-first inputs, the rows of the dense after flatten permuted) and the same batch:
 
 - per-example gradient norms ||g_b|| (g_b: the gradient of example b's own loss):
   ``fnet.per_example_grad_norms`` (one backward walk, dense layers' ||z_b||^2 ||q_b||^2,
   no g_b formed) against the plain-JAX way, ``jax.vmap(jax.grad(example loss))`` and
-  the norms of the per-example gradients, and BackPACK's ``BatchL2Grad`` alone;
+  the norms of the per-example gradients, BackPACK's ``BatchL2Grad`` alone, and Opacus'
+  per-sample gradients (``GradSampleModule``'s hooks, the norms of ``grad_sample``);
 - the clipped mean gradient of DP-SGD, mean_b g_b min(1, C / ||g_b||) (before noise),
   with the clipping norm C = the median ||g_b|| of the batch (half the examples clipped):
   ``fnet.clipped_value_and_grad`` against a vmap clipped gradient (vmap grads, norms,
@@ -23,6 +27,9 @@ What is measured, for an MLP of dense + relu hidden layers and a softmax cross-e
 - baselines: the plain step, ``fnet.value_and_grad`` and ``jax.value_and_grad``, and
   a plain PyTorch backward.
 
+The MLPs run every job; the CNN the norms (funcnet, vmap, BackPACK, Opacus) and the
+baselines.
+
 Every JAX contender is one jitted, ahead-of-time compiled executable; the PyTorch ones run
 eagerly with ``torch.set_num_threads`` = the usable cores. All contenders of a
 configuration run side by side in one process: ``--repeats`` interleaved rounds (each
@@ -36,16 +43,18 @@ its clipped per-example gradients with ``jnp.sum(axis=0)``, a reduction over the
 axis that XLA's CPU backend runs tens of times slower than the equivalent product with a
 vector (``jnp.tensordot``), which the vmap reference uses.
 Memory: XLA's ``memory_analysis()`` temporary bytes of every compiled JAX contender.
-Correctness: funcnet's norms, clipped gradient and statistics against the vmap
-reference, BackPACK's ``batch_l2`` (and ``sum_grad_squared``) against funcnet's on the
-same weights, Opacus' and jax-privacy's clipped gradients against the vmap reference
-(max |a - b| / max |b|).
+Correctness, checked before timing: funcnet's norms, clipped gradient and statistics
+against the vmap reference, BackPACK's ``batch_l2`` (and ``sum_grad_squared``) against
+funcnet's on the same weights, BackPACK's and Opacus' norms against the vmap reference,
+Opacus' and jax-privacy's clipped gradients against the vmap reference, PyTorch's plain
+gradients against jax.value_and_grad's (max |a - b| / max |b|).
 
-Targets: per_example_grad_norms >= 20x faster than vmap(jax.grad) + norms;
-clipped_value_and_grad >= 5x faster than the vmap clipped gradient and <= 2x the plain
-value_and_grad; backprop with batch_l2, second_moment and variance <= 1.5x the plain
-value_and_grad; funcnet faster than BackPACK and Opacus on every configuration; the
-norms' temporary memory <= 2x the plain step's. Targets are stated for the full sizes.
+Targets: per_example_grad_norms >= 20x faster than vmap(jax.grad) + norms on the MLPs,
+>= 5x on the CNN; funcnet faster than BackPACK and Opacus on every configuration (the
+CNN: their norms against funcnet's); on the MLPs, clipped_value_and_grad >= 5x faster
+than the vmap clipped gradient and <= 2x the plain value_and_grad, backprop with
+batch_l2, second_moment and variance <= 1.5x the plain value_and_grad, and the norms'
+temporary memory <= 2x the plain step's. Targets are stated for the full sizes.
 
 PyTorch, BackPACK and Opacus are the optional ``bench`` extra (``pip install -e
 '.[bench]'``); a peer that cannot be imported is reported as *absent* (its targets not
@@ -53,8 +62,9 @@ met), one that fails while running as *error*, never silently dropped.
 
     python benchmarks/extensions.py --help
     python benchmarks/extensions.py --quick    # toy sizes, a few repeats (a smoke run)
-    python benchmarks/extensions.py            # 784->1024x2->10 at batch 512 and
-                                               # 64->256x4->10 at batch 128: ~8 minutes
+    python benchmarks/extensions.py            # 784->1024x2->10 at batch 512,
+                                               # 64->256x4->10 at batch 128 and the CNN
+    python benchmarks/extensions.py --configs 2   # the CNN only
 """
 
 from __future__ import annotations
@@ -88,12 +98,15 @@ from _timing import (benchmark_parser, blocking, cost_flops, environment,  # noq
                      interleaved_times, max_rel_diff, memory_stats, mib,
                      numpy_normal, numpy_params, save_results, summarize, table,
                      target_row, targets_table)
-from peers import CLASSES, Config, funcnet_net, machine, machine_line  # noqa: E402
+from peers import (CLASSES, CNN_CONFIG, QUICK_CNN_CONFIG, Config, chw_to_hwc_rows,  # noqa: E402
+                   machine, machine_line, make_net, named_weights, torch_inputs)
+from peers import torch_model as peers_torch_model  # noqa: E402
 
 NAME = "extensions"
 CHECK_TOL = 1e-3  # float32: a correctness check passes below this relative difference
 
-NORMS_TARGET = 20.0  # vmap norms / fnet norms at least
+NORMS_TARGET = 20.0  # vmap norms / fnet norms at least (MLPs)
+CNN_NORMS_TARGET = 5.0  # vmap norms / fnet norms at least (the CNN)
 CLIPPED_TARGET = 5.0  # vmap clipped / fnet clipped at least
 CLIPPED_PLAIN_TARGET = 2.0  # fnet clipped / fnet value_and_grad at most
 EXT_PLAIN_TARGET = 1.5  # fnet backprop (3 extensions) / fnet value_and_grad at most
@@ -103,9 +116,13 @@ SLOW_REPEATS = 2  # ... in this many runs
 
 
 CONFIGS = [Config("784->1024x2->10, batch 512", 784, 1024, 2, 512),
-           Config("64->256x4->10, batch 128", 64, 256, 4, 128)]
+           Config("64->256x4->10, batch 128", 64, 256, 4, 128),
+           CNN_CONFIG]
 QUICK_CONFIGS = [Config("16->32x2->10, batch 8", 16, 32, 2, 8),
-                 Config("8->16x3->10, batch 4", 8, 16, 3, 4)]
+                 Config("8->16x3->10, batch 4", 8, 16, 3, 4),
+                 QUICK_CNN_CONFIG]
+#: the jobs run on each kind of configuration (the CNN: the norms and the plain baselines)
+KIND_JOBS = {"mlp": ("norms", "clipped", "stats3", "stats4", "plain"), "cnn": ("norms", "plain")}
 
 
 class Contender(NamedTuple):
@@ -129,6 +146,7 @@ BP_L2 = "backpack BatchL2Grad"
 BP_STATS3 = "backpack +3 ext"
 BP_STATS4 = "backpack +4 ext"
 OPACUS = "opacus clipping (hooks)"
+OPACUS_NORMS = "opacus per-sample norms"
 OPACUS_GHOST = "opacus ghost clipping"
 JAX_PRIVACY = "jax-privacy clipped grad"
 
@@ -140,6 +158,8 @@ CONTENDERS = [
     Contender(VMAP_NORMS, "jax", "norms",
               "jax.vmap(jax.grad(example loss)), then the norm of each example's gradient"),
     Contender(BP_L2, "backpack", "norms", "BackPACK: backward with BatchL2Grad()"),
+    Contender(OPACUS_NORMS, "opacus", "norms",
+              "Opacus GradSampleModule (hooks): backward, then the norms of grad_sample"),
     Contender(FN_CLIPPED, "funcnet", "clipped",
               "fnet.clipped_value_and_grad: one walk, norms, reweighted cotangents"),
     Contender(VMAP_CLIPPED, "jax", "clipped",
@@ -176,15 +196,44 @@ PEER_NAMES = [c.name for c in CONTENDERS if c.library not in ("funcnet",)
 # --- the problem ----------------------------------------------------------------------------
 
 
-def make_problem(config: Config, seed: int):
-    """(net, params on the device, x, y on the device, [(w, b)] numpy, x, y numpy)."""
-    net = funcnet_net(config, CLASSES)
-    params_np = numpy_params(net, (config.fan_in,), seed)
-    x_np = numpy_normal((config.batch, config.fan_in), seed + 1)
+class Problem(NamedTuple):
+    """One configuration's network, weights and batch, for JAX and for PyTorch."""
+
+    config: Any
+    net: Any
+    params: Any  # funcnet's params, on the device
+    x: Any  # on the device, channels last for the CNN
+    y: Any
+    y_np: np.ndarray
+    weights: Any  # peers.named_weights: what PyTorch's model is built from
+    torch_x: np.ndarray  # x in PyTorch's layout (channels first for the CNN)
+    structure: tuple  # () or {"w", "b"} per layer, like params
+
+    def torch_model(self):
+        """A fresh PyTorch model with funcnet's weights (peers.torch_model)."""
+        return torch_model(self.config, self.weights)
+
+    def to_funcnet(self, arrays):
+        """PyTorch-parameter-shaped numpy arrays, in parameter order -> funcnet's layout."""
+        final = self.config.final_shape() if self.config.kind == "cnn" else None
+        return to_funcnet_layout_np(arrays, self.structure, final)
+
+
+def make_problem(config, seed: int) -> Problem:
+    """The MLPs: weights drawn with NumPy (``numpy_params``, N(0, 1 / fan_in)); the CNN:
+    funcnet's own init (its kernels' fan-in is kernel size x input channels)."""
+    net = make_net(config, CLASSES)
+    if config.kind == "mlp":
+        params_np = numpy_params(net, config.in_shape(), seed)
+    else:
+        params_np = jax.tree.map(np.asarray,
+                                 net.init(jax.random.key(seed), config.in_shape())[0])
+    x_np = numpy_normal((config.batch, *config.in_shape()), seed + 1)
     y_np = np.random.default_rng(seed + 2).integers(0, CLASSES, config.batch).astype(np.int32)
     params, x, y = jax.device_put((params_np, x_np, y_np))
-    weights = [(np.asarray(p["w"]), np.asarray(p["b"])) for p in params_np if p != ()]
-    return net, params, x, y, weights, x_np, y_np
+    structure = tuple(() if p == () else {"w": None, "b": None} for p in params_np)
+    return Problem(config, net, params, x, y, y_np, named_weights(config, params_np),
+                   torch_inputs(config, x_np), structure)
 
 
 def cross_entropy(logits, y):
@@ -282,19 +331,11 @@ def library_status(library: str):
         return "ok", "?"
 
 
-def torch_model(weights):
-    import torch
-
+def torch_model(config, weights):
+    """peers.torch_model: the same network in PyTorch, funcnet's weights copied in."""
     # PyTorch's note that the input x needs no gradient (BackPACK's and Opacus' hooks)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    modules = []
-    for w, b in weights:
-        linear = torch.nn.Linear(w.shape[0], w.shape[1])
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))  # (out, in)
-            linear.bias.copy_(torch.from_numpy(np.array(b)))
-        modules += [linear, torch.nn.ReLU()]
-    return torch.nn.Sequential(*modules[:-1])
+    return peers_torch_model(config, weights)
 
 
 def torch_batch(x_np, y_np):
@@ -315,11 +356,11 @@ def per_leaf_to_funcnet(values, params_structure):
     return tuple(out)
 
 
-def build_torch_plain(weights, x_np, y_np, max_norm):
+def build_torch_plain(problem, max_norm):
     import torch.nn.functional as F
 
-    model = torch_model(weights)
-    x, y = torch_batch(x_np, y_np)
+    model = problem.torch_model()
+    x, y = torch_batch(problem.torch_x, problem.y_np)
 
     def call():
         model.zero_grad(set_to_none=True)
@@ -338,14 +379,14 @@ BACKPACK_ATTRIBUTES = {"BatchGrad": "grad_batch", "BatchL2Grad": "batch_l2",
 
 
 def build_backpack(name):
-    def build(weights, x_np, y_np, max_norm):
+    def build(problem, max_norm):
         import torch
         from backpack import backpack, extend
         from backpack import extensions as bpx
 
-        model = extend(torch_model(weights))
+        model = extend(problem.torch_model())
         lossfunc = extend(torch.nn.CrossEntropyLoss())  # the batch mean, like funcnet's loss
-        x, y = torch_batch(x_np, y_np)
+        x, y = torch_batch(problem.torch_x, problem.y_np)
         names = BACKPACK_EXTENSIONS[name]
         extensions = [getattr(bpx, n)() for n in names]
 
@@ -370,7 +411,7 @@ def build_backpack(name):
     return build
 
 
-def build_opacus(weights, x_np, y_np, max_norm):
+def build_opacus(problem, max_norm):
     """Opacus' DP-SGD path without noise: per-sample gradients by hooks, clipped and
     averaged by the DPOptimizer (what ``make_private`` sets up, without the data loader)."""
     import torch
@@ -378,8 +419,8 @@ def build_opacus(weights, x_np, y_np, max_norm):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    model = GradSampleModule(torch_model(weights), batch_first=True, loss_reduction="mean")
-    x, y = torch_batch(x_np, y_np)
+    model = GradSampleModule(problem.torch_model(), batch_first=True, loss_reduction="mean")
+    x, y = torch_batch(problem.torch_x, problem.y_np)
     optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
                             max_grad_norm=max_norm, expected_batch_size=x.shape[0],
                             loss_reduction="mean")
@@ -394,7 +435,7 @@ def build_opacus(weights, x_np, y_np, max_norm):
     return call, lambda: {"clipped": [p.grad for p in model.parameters()]}
 
 
-def build_opacus_ghost(weights, x_np, y_np, max_norm):
+def build_opacus_ghost(problem, max_norm):
     """Opacus' ghost clipping: per-sample norms from the layers' inputs and output
     gradients (no per-sample gradient), then a second backward of the reweighted loss."""
     import torch
@@ -403,9 +444,9 @@ def build_opacus_ghost(weights, x_np, y_np, max_norm):
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
     model = GradSampleModuleFastGradientClipping(
-        torch_model(weights), batch_first=True, loss_reduction="mean",
+        problem.torch_model(), batch_first=True, loss_reduction="mean",
         max_grad_norm=max_norm, use_ghost_clipping=True)
-    x, y = torch_batch(x_np, y_np)
+    x, y = torch_batch(problem.torch_x, problem.y_np)
     optimizer = DPOptimizerFastGradientClipping(
         torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
         max_grad_norm=max_norm, expected_batch_size=x.shape[0], loss_reduction="mean")
@@ -420,6 +461,30 @@ def build_opacus_ghost(weights, x_np, y_np, max_norm):
         return loss.detach()
 
     return call, lambda: {"clipped": [p.grad for p in model.parameters()]}
+
+
+def build_opacus_norms(problem, max_norm):
+    """Opacus' per-sample gradients (``GradSampleModule``'s hooks, what DP-SGD clips):
+    forward, backward, then ||g_b|| from every parameter's ``grad_sample``. With
+    loss_reduction="mean" Opacus scales the backprops by B, so grad_sample[b] = g_b."""
+    import torch
+    import torch.nn.functional as F
+    from opacus import GradSampleModule
+
+    model = GradSampleModule(problem.torch_model(), batch_first=True, loss_reduction="mean")
+    x, y = torch_batch(problem.torch_x, problem.y_np)
+    params = [p for p in model.parameters() if p.requires_grad]
+    kept = {}
+
+    def call():
+        model.zero_grad(set_to_none=True)  # also drops the previous grad_sample
+        F.cross_entropy(model(x), y).backward()
+        squares = [p.grad_sample.reshape(p.grad_sample.shape[0], -1).square().sum(1)
+                   for p in params]
+        kept["norms"] = torch.stack(squares).sum(0).sqrt()
+        return kept["norms"]
+
+    return call, lambda: {"norms": [kept["norms"]]}
 
 
 def jax_privacy_function(net, max_norm: float, batch: int):
@@ -437,7 +502,8 @@ def jax_privacy_function(net, max_norm: float, batch: int):
 
 TORCH_BUILDERS = {TORCH_PLAIN: build_torch_plain, BP_L2: build_backpack(BP_L2),
                   BP_STATS3: build_backpack(BP_STATS3), BP_STATS4: build_backpack(BP_STATS4),
-                  OPACUS: build_opacus, OPACUS_GHOST: build_opacus_ghost}
+                  OPACUS: build_opacus, OPACUS_GHOST: build_opacus_ghost,
+                  OPACUS_NORMS: build_opacus_norms}
 
 
 # --- one configuration ----------------------------------------------------------------------
@@ -453,11 +519,15 @@ def _to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def run_config(config: Config, names: Sequence[str], statuses, threads: int, repeats: int,
+def run_config(config, names: Sequence[str], statuses, threads: int, repeats: int,
                warmup: int, seed: int, slow_seconds: float = math.inf):
-    """Build, check and time every contender of one configuration; (rows, summary)."""
-    net, params, x, y, weights, x_np, y_np = make_problem(config, seed)
-    structure = tuple(() if p == () else {"w": None, "b": None} for p in params)
+    """Build, check and time every contender of one configuration (those of its kind's
+    jobs, ``KIND_JOBS``); (rows, summary)."""
+    problem = make_problem(config, seed)
+    net, params, x, y = problem.net, problem.params, problem.x, problem.y
+    jobs = KIND_JOBS[config.kind]
+    kind_names = {c.name for c in CONTENDERS if c.job in jobs}
+    names = [name for name in names if name in kind_names]
     vm = vmap_functions(net)
     rows: Dict[str, Dict[str, Any]] = {}
     for name in names:
@@ -468,9 +538,15 @@ def run_config(config: Config, names: Sequence[str], statuses, threads: int, rep
                       "detail": detail}
 
     # the reference first: per-example gradients by vmap, their norms set the clipping norm
-    reference_fn, _ = _compile(vm["statistics"], params, x, y)
-    reference = _to_numpy(reference_fn(params, x, y))
-    del reference_fn
+    # (without the statistics, the norms alone: the timed vmap contender's own executable)
+    compiled_ahead = {}
+    if "stats3" in jobs:
+        reference_fn, _ = _compile(vm["statistics"], params, x, y)
+        reference = _to_numpy(reference_fn(params, x, y))
+        del reference_fn
+    else:
+        compiled_ahead[VMAP_NORMS] = _compile(vm["norms"], params, x, y)
+        reference = {"norms": _to_numpy(compiled_ahead[VMAP_NORMS][0](params, x, y))}
     max_norm = float(np.median(reference["norms"]))
     if not max_norm > 0:
         max_norm = 1.0
@@ -494,7 +570,8 @@ def run_config(config: Config, names: Sequence[str], statuses, threads: int, rep
             continue
         try:
             if name in jax_fns:
-                compiled, compile_s = _compile(jax_fns[name], params, x, y)
+                compiled, compile_s = (compiled_ahead.pop(name, None)
+                                       or _compile(jax_fns[name], params, x, y))
                 memory = memory_stats(compiled)
                 row.update({"compile_s": compile_s, "flops": cost_flops(compiled),
                             "temp_bytes": memory["temp_size_in_bytes"],
@@ -511,7 +588,7 @@ def run_config(config: Config, names: Sequence[str], statuses, threads: int, rep
                 else:
                     outputs[name] = _to_numpy(outputs[name])
             else:
-                call, read = TORCH_BUILDERS[name](weights, x_np, y_np, max_norm)
+                call, read = TORCH_BUILDERS[name](problem, max_norm)
                 start = time.perf_counter()
                 call()
                 row["first_call_s"] = time.perf_counter() - start
@@ -524,7 +601,7 @@ def run_config(config: Config, names: Sequence[str], statuses, threads: int, rep
         except Exception as error:  # a peer whose API moved: say so, keep going
             _failed(row, error)
 
-    checks = correctness(config, outputs, reference, structure, rows)
+    checks = correctness(problem, outputs, reference, kind_names)
     del reference, outputs
 
     # contenders whose first call took more than slow_seconds are timed apart, in a few
@@ -562,7 +639,8 @@ def run_config(config: Config, names: Sequence[str], statuses, threads: int, rep
                          if "step_ms" in row else "")
         if "first_call_s" in row and "step_ms" in row and "compile_s" not in row:
             row["compile_s"] = max(0.0, row["first_call_s"] - row["step_ms"] / 1e3)
-    summary = {"config": config._asdict(), "label": config.label, "n_params": config.n_params(),
+    summary = {"config": config._asdict(), "label": config.label, "kind": config.kind,
+               "jobs": list(jobs), "n_params": config.n_params(),
                "max_norm": max_norm,
                "clipped_fraction": clipped_fraction,
                "per_example_grads_mib": mib(4.0 * config.batch * config.n_params()),
@@ -594,12 +672,17 @@ def _failed(row, error):
     traceback.print_exc()
 
 
-def correctness(config, outputs, reference, structure, rows) -> Dict[str, Any]:
-    """Relative differences (max |a - b| / max |b|) of every result against its reference."""
+def correctness(problem, outputs, reference, kind_names) -> Dict[str, Any]:
+    """Relative differences (max |a - b| / max |b|) of every result against its reference:
+    those whose contenders (``needs``) the configuration's kind runs; NaN where one of them
+    did not run (absent, error, not selected)."""
     checks: Dict[str, Any] = {}
-    batch = config.batch
+    batch = problem.config.batch
+    structure = problem.structure
 
-    def check(label, fn):
+    def check(label, fn, *needs):
+        if not set(needs) <= kind_names:
+            return
         try:
             checks[label] = float(fn())
         except KeyError:  # the contender did not run (absent, error, not selected)
@@ -610,22 +693,24 @@ def correctness(config, outputs, reference, structure, rows) -> Dict[str, Any]:
             traceback.print_exc()
 
     o = outputs
-    check("fnet norms vs vmap", lambda: max_rel_diff(o[FN_NORMS], reference["norms"]))
+    check("fnet norms vs vmap", lambda: max_rel_diff(o[FN_NORMS], reference["norms"]), FN_NORMS)
     check("vmap norms (timed) vs vmap reference",
-          lambda: max_rel_diff(o[VMAP_NORMS], reference["norms"]))
+          lambda: max_rel_diff(o[VMAP_NORMS], reference["norms"]), VMAP_NORMS)
     check("fnet clipped grads vs vmap clipped",
-          lambda: max_rel_diff(o[FN_CLIPPED][1], o[VMAP_CLIPPED][1]))
+          lambda: max_rel_diff(o[FN_CLIPPED][1], o[VMAP_CLIPPED][1]), FN_CLIPPED, VMAP_CLIPPED)
     check("fnet clipped value vs vmap (abs)",
-          lambda: abs(float(o[FN_CLIPPED][0]) - float(o[VMAP_CLIPPED][0])))
+          lambda: abs(float(o[FN_CLIPPED][0]) - float(o[VMAP_CLIPPED][0])), FN_CLIPPED,
+          VMAP_CLIPPED)
     for key in ("batch_l2", "second_moment", "variance"):
         check(f"fnet backprop {key} vs vmap",
-              lambda key=key: max_rel_diff(o[FN_STATS3][2][key], reference[key]))
+              lambda key=key: max_rel_diff(o[FN_STATS3][2][key], reference[key]), FN_STATS3)
     check("fnet backprop grads vs jax.value_and_grad",
-          lambda: max_rel_diff(o[FN_STATS3][1], o[JAX_PLAIN][1]))
+          lambda: max_rel_diff(o[FN_STATS3][1], o[JAX_PLAIN][1]), FN_STATS3, JAX_PLAIN)
     check("fnet value_and_grad grads vs jax.value_and_grad",
-          lambda: max_rel_diff(o[FN_PLAIN][1], o[JAX_PLAIN][1]))
+          lambda: max_rel_diff(o[FN_PLAIN][1], o[JAX_PLAIN][1]), FN_PLAIN, JAX_PLAIN)
     check("fnet backprop batch_grad squared norms vs vmap",
-          lambda: max_rel_diff(o[FN_STATS4]["batch_grad_sq_norms"], reference["batch_l2"]))
+          lambda: max_rel_diff(o[FN_STATS4]["batch_grad_sq_norms"], reference["batch_l2"]),
+          FN_STATS4)
     # BackPACK scales by the batch mean: grad_batch[b] = g_b / B, so batch_l2 = ||g_b||^2 / B^2,
     # sum_grad_squared = sum_b g_b^2 / B^2 = second_moment / B, and its variance,
     # sum_grad_squared / B - (grad / B)^2, is funcnet's / B^2
@@ -633,32 +718,47 @@ def correctness(config, outputs, reference, structure, rows) -> Dict[str, Any]:
     for name in (BP_L2, BP_STATS3):
         check(f"{name}: batch_l2 * B^2 vs fnet batch_l2", lambda name=name: max_rel_diff(
             per_leaf_to_funcnet([a * batch ** 2 for a in o[name]["batch_l2"]], structure),
-            fn_ext["batch_l2"]))
+            fn_ext["batch_l2"]), name, FN_STATS3)
+    check(f"{BP_L2}: sqrt(sum batch_l2) * B vs vmap norms", lambda: max_rel_diff(
+        np.sqrt(sum(a.astype(np.float64) for a in o[BP_L2]["batch_l2"])) * batch,
+        reference["norms"]), BP_L2)
+    check(f"{OPACUS_NORMS}: norms vs vmap norms",
+          lambda: max_rel_diff(o[OPACUS_NORMS]["norms"][0], reference["norms"]), OPACUS_NORMS)
     check(f"{BP_STATS3}: sum_grad_squared * B vs fnet second_moment", lambda: max_rel_diff(
-        to_funcnet_layout_np([a * batch for a in o[BP_STATS3]["sum_grad_squared"]], structure),
-        fn_ext["second_moment"]))
+        problem.to_funcnet([a * batch for a in o[BP_STATS3]["sum_grad_squared"]]),
+        fn_ext["second_moment"]), BP_STATS3, FN_STATS3)
     check(f"{BP_STATS3}: variance * B^2 vs fnet variance", lambda: max_rel_diff(
-        to_funcnet_layout_np([a * batch ** 2 for a in o[BP_STATS3]["variance"]], structure),
-        fn_ext["variance"]))
+        problem.to_funcnet([a * batch ** 2 for a in o[BP_STATS3]["variance"]]),
+        fn_ext["variance"]), BP_STATS3, FN_STATS3)
     check(f"{TORCH_PLAIN}: grads vs jax.value_and_grad", lambda: max_rel_diff(
-        to_funcnet_layout_np(o[TORCH_PLAIN]["grads"], structure), o[JAX_PLAIN][1]))
+        problem.to_funcnet(o[TORCH_PLAIN]["grads"]), o[JAX_PLAIN][1]), TORCH_PLAIN, JAX_PLAIN)
     for name in (OPACUS, OPACUS_GHOST):
         check(f"{name}: clipped grads vs vmap clipped", lambda name=name: max_rel_diff(
-            to_funcnet_layout_np(o[name]["clipped"], structure), o[VMAP_CLIPPED][1]))
+            problem.to_funcnet(o[name]["clipped"]), o[VMAP_CLIPPED][1]), name, VMAP_CLIPPED)
     check(f"{JAX_PRIVACY}: clipped grads vs vmap clipped",
-          lambda: max_rel_diff(o[JAX_PRIVACY], o[VMAP_CLIPPED][1]))
+          lambda: max_rel_diff(o[JAX_PRIVACY], o[VMAP_CLIPPED][1]), JAX_PRIVACY, VMAP_CLIPPED)
     return checks
 
 
-def to_funcnet_layout_np(arrays, structure):
-    """[weight-shaped (out, in), bias-shaped, ...] numpy arrays -> funcnet's layout."""
+def to_funcnet_layout_np(arrays, structure, final_shape=None):
+    """[weight-shaped, bias-shaped, ...] numpy arrays in PyTorch's layouts -> funcnet's:
+    Linear (out, in) -> (in, out); Conv2d OIHW -> HWIO; with ``final_shape`` (H, W, C) of a
+    CNN's last feature map, the rows of the dense after flatten from the channels-first
+    order back to the channels-last one."""
     out, k = [], 0
     for p in structure:
         if p == ():
             out.append(())
+            continue
+        w, b = np.asarray(arrays[k]), np.asarray(arrays[k + 1])
+        k += 2
+        if w.ndim == 4:
+            w = w.transpose(2, 3, 1, 0)
         else:
-            out.append({"w": np.asarray(arrays[k]).T, "b": np.asarray(arrays[k + 1])})
-            k += 2
+            w = w.T
+            if final_shape is not None and w.shape[0] == math.prod(final_shape):
+                w = chw_to_hwc_rows(w, final_shape)
+        out.append({"w": w, "b": b})
     return tuple(out)
 
 
@@ -674,9 +774,15 @@ def make_targets(rows, summaries) -> List[Dict[str, Any]]:
         def get(name, key="step_ms"):
             return by.get((label, name), {}).get(key, math.nan)
 
+        mlp = summary.get("kind", "mlp") == "mlp"
         norms = get(VMAP_NORMS) / get(FN_NORMS)
+        limit = NORMS_TARGET if mlp else CNN_NORMS_TARGET
         targets.append(target_row(f"{label}: vmap(jax.grad) + norms / fnet per_example_grad_norms",
-                                  norms, f">= {NORMS_TARGET:g}", norms >= NORMS_TARGET))
+                                  norms, f">= {limit:g}", norms >= limit))
+        if not mlp:  # the CNN: the norms against the peers that compute them
+            for name in (BP_L2, OPACUS_NORMS):
+                _peer_target(targets, by, label, name)
+            continue
         clipped = get(VMAP_CLIPPED) / get(FN_CLIPPED)
         targets.append(target_row(f"{label}: vmap clipped / fnet clipped_value_and_grad",
                                   clipped, f">= {CLIPPED_TARGET:g}", clipped >= CLIPPED_TARGET))
@@ -688,20 +794,25 @@ def make_targets(rows, summaries) -> List[Dict[str, Any]]:
         targets.append(target_row(f"{label}: fnet backprop (batch_l2, second_moment, variance) "
                                   f"/ fnet value_and_grad", over, f"<= {EXT_PLAIN_TARGET:g}",
                                   over <= EXT_PLAIN_TARGET))
-        for name in (BP_L2, BP_STATS3, BP_STATS4, OPACUS, OPACUS_GHOST):
-            if (label, name) not in by:  # not selected
-                continue
-            row = by[label, name]
-            what = f"{label}: {name} / {row['counterpart']}"
-            if row["status"] != "ok":
-                what += f" ({row['status']})"
-            ratio = row["over_funcnet"]
-            targets.append(target_row(what, ratio, "> 1", row["status"] == "ok" and ratio > 1))
+        for name in (BP_L2, OPACUS_NORMS, BP_STATS3, BP_STATS4, OPACUS, OPACUS_GHOST):
+            _peer_target(targets, by, label, name)
         memory = get(FN_NORMS, "temp_bytes") / get(FN_PLAIN, "temp_bytes")
         targets.append(target_row(f"{label}: temp memory, fnet per_example_grad_norms / fnet "
                                   f"value_and_grad", memory, f"<= {MEMORY_TARGET:g}",
                                   memory <= MEMORY_TARGET))
     return targets
+
+
+def _peer_target(targets, by, label, name):
+    """A peer's target: slower than its funcnet counterpart (> 1); not met when absent."""
+    if (label, name) not in by:  # not selected
+        return
+    row = by[label, name]
+    what = f"{label}: {name} / {row['counterpart']}"
+    if row["status"] != "ok":
+        what += f" ({row['status']})"
+    ratio = row["over_funcnet"]
+    targets.append(target_row(what, ratio, "> 1", row["status"] == "ok" and ratio > 1))
 
 
 COLUMNS = ["contender", "status", "step_ms", "iqr_ms", "step_ms_min", "over_plain",
@@ -725,11 +836,14 @@ def report(results) -> str:
              f"memory_analysis() of the compiled JAX contender.", ""]
     for summary in results["configs"]:
         rows = [r for r in results["rows"] if r["config"] == summary["label"]]
-        lines += [f"## {summary['label']}", "",
-                  f"{summary['n_params']} params; per-example gradients "
-                  f"{summary['per_example_grads_mib']:.0f} MiB; clipping norm "
-                  f"C = {summary['max_norm']:.4g} (the median ||g_b||: "
-                  f"{summary['clipped_fraction']:.0%} of the examples clipped).", "",
+        about = (f"{summary['n_params']} params; per-example gradients "
+                 f"{summary['per_example_grads_mib']:.0f} MiB")
+        if "clipped" in summary["jobs"]:
+            about += (f"; clipping norm C = {summary['max_norm']:.4g} (the median ||g_b||: "
+                      f"{summary['clipped_fraction']:.0%} of the examples clipped)")
+        else:
+            about += f"; jobs: {', '.join(summary['jobs'])} only"
+        lines += [f"## {summary['label']}", "", about + ".", "",
                   table(rows, COLUMNS, HEADERS), "",
                   table([{"check": k, "rel_diff": v,
                           "ok": (v < CHECK_TOL) if math.isfinite(v) else "n/a"}
@@ -771,7 +885,8 @@ def main(argv=None):
                         help="which peer contenders to run (default all; the funcnet and vmap "
                              "contenders always run)")
     parser.add_argument("--configs", type=int, nargs="+", default=None,
-                        help="which configurations, by index (default all)")
+                        help="which configurations, by index (default all): 0 and 1 the "
+                             "MLPs, 2 the CNN")
     parser.add_argument("--slow-seconds", type=float, default=SLOW_SECONDS,
                         help=f"a peer whose first call takes longer than this is timed apart, "
                              f"in {SLOW_REPEATS} runs after the interleaved rounds (default "

@@ -82,6 +82,23 @@ def enable_compilation_cache(path: Optional[str]) -> Optional[Path]:
     return folder
 
 
+def target_line(description: str, met: bool, detail: str = "") -> str:
+    """One printable line saying whether an experiment's stated target was reached:
+    ``target <description>: met`` or ``... not met``, then ``detail`` in parentheses."""
+    line = f"target {description}: {'met' if met else 'not met'}"
+    return line + (f" ({detail})" if detail else "")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def mlp(hidden: Sequence[int], classes: int = 10):
     """The experiments' classifier: dense + relu for every width in ``hidden``, then
     dense(classes) logits."""

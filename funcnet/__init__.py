@@ -16,9 +16,10 @@ from funcnet.ad import (Backprop, GradCheckReport, GradientCheckError, JacobianP
                         backprop, check_grads, clipped_value_and_grad, extensions, grad,
                         jacobian, jacobian_plan, jvp, layer_jacobians, per_example_grad_norms,
                         per_example_grads, value_and_grad, vjp)
-from funcnet.nn import (Chain, Dense, Layer, Repeat, Residual, Summary, chain, dense, flatten,
-                        gelu, identity, layer, leaky_relu, relu, repeat, residual, sigmoid,
-                        softplus, summary, tanh)
+from funcnet.nn import (Chain, Dense, Layer, Repeat, Residual, Summary, avg_pool, chain, conv,
+                        dense, dropout, embedding, flatten, gelu, identity, layer, layer_norm,
+                        leaky_relu, max_pool, relu, repeat, reshape, residual, self_attention,
+                        sigmoid, softplus, summary, tanh)
 from funcnet.train import (DPSGD, FitResult, History, TrainingError, TrainState, accuracy,
                            data_parallel_mesh, dp_sgd, evaluate, fit, init_train_state,
                            privacy_spent, shard_batch, train_step)
@@ -29,14 +30,15 @@ __version__ = "0.1.0"
 # here for isinstance checks; help(funcnet.nn) documents them. __all__ lists the contract.
 
 __all__ = [
-    "accuracy", "ArgumentError", "atomic", "Backprop", "backprop", "chain",
-    "check_grads", "checkpoint", "clear_caches", "clipped_value_and_grad", "data",
-    "data_parallel_mesh", "dense", "dp_sgd", "DPSGD", "evaluate", "extensions", "fit",
-    "FitResult", "flatten", "gelu", "grad", "GradCheckReport", "GradientCheckError",
-    "History", "identity", "init_train_state", "jacobian", "jacobian_plan",
-    "JacobianPlan", "jvp", "Layer", "layer", "layer_jacobians", "LayerCheck",
-    "LayerError", "leaky_relu", "losses", "per_example_grad_norms", "per_example_grads",
-    "privacy_spent", "relu", "repeat", "residual", "shard_batch", "sigmoid", "softplus",
+    "accuracy", "ArgumentError", "atomic", "avg_pool", "Backprop", "backprop", "chain",
+    "check_grads", "checkpoint", "clear_caches", "clipped_value_and_grad", "conv", "data",
+    "data_parallel_mesh", "dense", "dp_sgd", "DPSGD", "dropout", "embedding", "evaluate",
+    "extensions", "fit", "FitResult", "flatten", "gelu", "grad", "GradCheckReport",
+    "GradientCheckError", "History", "identity", "init_train_state", "jacobian",
+    "jacobian_plan", "JacobianPlan", "jvp", "Layer", "layer", "layer_jacobians",
+    "layer_norm", "LayerCheck", "LayerError", "leaky_relu", "losses", "max_pool",
+    "per_example_grad_norms", "per_example_grads", "privacy_spent", "relu", "repeat",
+    "reshape", "residual", "self_attention", "shard_batch", "sigmoid", "softplus",
     "Summary", "summary", "tanh", "train_step", "TrainingError", "TrainState",
     "value_and_grad", "vjp",
 ]

@@ -1,11 +1,14 @@
 """Smoke runs of benchmarks/peers.py and benchmarks/epoch.py at toy size.
 
-Structure only: the JSON and Markdown are written (atomically), every configuration has a
-funcnet row, ratios are finite and positive, a peer that cannot be imported is reported as
-"absent" (with its targets not met) rather than dropped. No timing threshold is asserted:
-timings are the benchmarks' business, on a quiet machine.
+Structure and agreement only: the JSON and Markdown are written (atomically), every
+configuration has a funcnet row, ratios are finite and positive, every contender that runs
+starts from funcnet's weights (its first-step loss agrees with funcnet's, on the MLPs, the
+CNN and the transformer block), a peer that cannot be imported is reported as "absent"
+(with its targets not met) rather than dropped. No timing threshold is asserted: timings
+are the benchmarks' business, on a quiet machine.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -71,21 +74,37 @@ def test_shuffled_times_blocks_and_order():
     assert all(len(times[n]) == 2 and not switches[n] for n in fns)
 
 
-def test_peers_quick_reports_absent_torch(tmp_path):
-    """The whole script at --quick size, torch made unimportable in a subprocess."""
-    code = ("import runpy, sys; sys.modules['torch'] = None; "
-            f"sys.argv = [{str(BENCHMARKS / 'peers.py')!r}] + sys.argv[1:]; "
+# Quicker XLA compiles for the smoke runs (about half the compile time of the toy steps, which
+# is most of these tests' time): they assert agreement and structure, never timings.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
+
+
+def _run_peers(tmp_path, args, block_torch=False):
+    """peers.py in a fresh process (float32: this suite's conftest turns float64 on)."""
+    code = ("import runpy, sys; " + ("sys.modules['torch'] = None; " if block_torch else "")
+            + f"sys.argv = [{str(BENCHMARKS / 'peers.py')!r}] + sys.argv[1:]; "
             f"runpy.run_path({str(BENCHMARKS / 'peers.py')!r}, run_name='__main__')")
-    args = ["--quick", "--only", "funcnet", "jax.value_and_grad", "torch (eager)",
-            "--repeats", "2", "--warmup", "0", "--results", str(tmp_path)]
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run([sys.executable, "-c", code, *args, "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300,
+                          env=_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results, markdown = _written(tmp_path, "peers")
     assert "Machine:" in done.stdout and "| library |" in done.stdout
+    return _written(tmp_path, "peers")
+
+
+def test_peers_quick_reports_absent_torch(tmp_path):
+    """The MLP configurations at --quick size, torch made unimportable in a subprocess."""
+    results, markdown = _run_peers(
+        tmp_path, ["--quick", "--configs", "mlp", "--only", "funcnet", "jax.value_and_grad",
+                   "torch (eager)", "--repeats", "2", "--warmup", "0"], block_torch=True)
 
     labels = [c["label"] for c in results["configs"]]
-    assert len(labels) >= 3
+    assert len(labels) == 3 and {c["kind"] for c in results["configs"]} == {"mlp"}
     rows = results["rows"]
     for label in labels:
         by = {r["library"]: r for r in rows if r["config"] == label}
@@ -109,6 +128,51 @@ def test_peers_quick_reports_absent_torch(tmp_path):
     assert any("Python overhead" in t["target"] for t in results["targets"])
     for peak in results["matmul_peaks"]:
         assert _positive_finite(peak["xla_gflops"]) and _positive_finite(peak["numpy_over_xla"])
+
+
+PEER_MODULES = {"equinox": "equinox", "flax.linen": "flax", "flax.nnx": "flax",
+                "torch (eager)": "torch"}
+
+
+def test_peers_quick_cnn_and_transformer(tmp_path):
+    """The CNN and the transformer block at --quick size with every contender: those that
+    run start from funcnet's weights (kernels, attention projections and flatten orders
+    copied into each library's layout), so their first-step losses agree with funcnet's;
+    those not installed are reported absent, their targets not met."""
+    results, markdown = _run_peers(
+        tmp_path, ["--quick", "--configs", "cnn", "transformer", "--repeats", "1",
+                   "--warmup", "0", "--block", "1", "--peak-sizes", "64"])
+    assert [c["kind"] for c in results["configs"]] == ["cnn", "transformer"]
+    assert results["tiny_rows"] == []  # the tiny net runs with the MLPs only
+    assert not any("tiny" in t["target"] for t in results["targets"])
+    targets = {t["target"]: t for t in results["targets"]}
+    for summary in results["configs"]:
+        label = summary["label"]
+        assert _positive_finite(summary["flops_per_step"]) and summary["n_params"] > 0
+        by = {r["library"]: r for r in results["rows"] if r["config"] == label}
+        assert set(by) == {"funcnet", "jax.value_and_grad", *PEER_MODULES}
+        loss0 = by["funcnet"]["loss_step1"]
+        assert math.isfinite(loss0) and loss0 > 0
+        reference = targets[f"{label}: funcnet / jax.value_and_grad step time"]
+        assert reference["threshold"] == "<= 1.05" and _positive_finite(reference["measured"])
+        for library, row in by.items():
+            installed = library not in PEER_MODULES or (
+                importlib.util.find_spec(PEER_MODULES[library]) is not None)
+            assert row["status"] == ("ok" if installed else "absent"), (label, library, row)
+            if row["status"] == "ok":
+                assert row["loss_step1_diff"] <= 1e-5 * max(1.0, abs(loss0)), (
+                    label, library, row["loss_step1"], loss0)
+                for key in ("step_ms", "ratio_to_funcnet", "gflops"):
+                    assert _positive_finite(row[key]), (label, library, key, row.get(key))
+            else:
+                assert "not installed" in row["detail"] and "step_ms" not in row
+                assert f"{library} absent" in markdown
+            if library in PEER_MODULES:
+                target = [t for name, t in targets.items()
+                          if name.startswith(f"{label}: {library} / funcnet")]
+                assert len(target) == 1
+                assert row["status"] == "ok" or (
+                    "(absent)" in target[0]["target"] and target[0]["met"] is False)
 
 
 @pytest.mark.standard_promotion  # optax promotes Python floats against its int32 count

@@ -25,7 +25,8 @@ def _outputs(folder, png):
 
 
 @pytest.mark.parametrize("name", ["digits", "breast_cancer", "diabetes", "gradient_flow",
-                                  "private_digits", "gradient_noise"])
+                                  "private_digits", "gradient_noise", "cnn_digits",
+                                  "sequence"])
 def test_help(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         _load(name).main(["--help"])
@@ -129,3 +130,102 @@ def test_gradient_noise_snr_is_finite_positive_and_falls(tmp_path):
     assert snapshots[-1]["train_loss"] < snapshots[0]["train_loss"]
     # the mean gradient shrinks faster than the per-example spread as the loss falls
     assert sum(snapshots[-1]["snr"]) < sum(snapshots[0]["snr"])
+
+
+def test_cnn_digits_smoke(tmp_path):
+    run = _load("cnn_digits").main(["--results", str(tmp_path), "--quick", "--no-progress"])
+    results = _outputs(tmp_path, "curves.png")
+    assert results["seeds"] == [0] and results["epochs"] == 2
+    assert set(results["runs"]) == {"CNN", "MLP"}
+    cnn, mlp = results["runs"]["CNN"][0], results["runs"]["MLP"][0]
+    # conv(16, 3): 3*3*1*16 + 16; conv(32, 3): 3*3*16*32 + 32; dense(64) on 4*4*32; dense(10)
+    assert cnn["params"] == 160 + 4640 + (512 * 64 + 64) + (64 * 10 + 10)
+    assert mlp["params"] == (64 * 32 + 32) + (32 * 10 + 10)  # --quick: hidden [32]
+    for model_run in (cnn, mlp):
+        assert len(model_run["epochs"]) == 2 and model_run["steps"] == 2 * (1347 // 64)
+        assert 0.0 <= model_run["test_accuracy"] <= 1.0 and model_run["seconds"] > 0
+        assert model_run["test_errors"] == round((1 - model_run["test_accuracy"]) * 450)
+        assert all("eval_accuracy" in row for row in model_run["epochs"])
+    assert cnn["test_accuracy"] > 0.5  # two epochs of Adam learn something
+    target = results["target"]
+    assert target["threshold"] == 0.98 and target["met"] == (cnn["test_accuracy"] >= 0.98)
+    assert run["met"] == target["met"]
+    assert [row["model"] for row in results["rows"]] == ["CNN", "MLP"]
+
+
+def test_sequence_smoke(tmp_path):
+    summary = _load("sequence").main(["--results", str(tmp_path), "--quick", "--no-progress"])
+    results = _outputs(tmp_path, "learning_curve.png")
+    assert results["task"] == "sort" and results["summary"] == summary
+    steps = results["epochs"] * (results["train_size"] // results["batch_size"])
+    assert summary["steps"] == steps and len(results["step_loss"]) == steps
+    curve = results["curve"]
+    assert [row["step"] for row in curve] == [0, steps // 2, steps]  # init, then every epoch
+    for row in curve:
+        for key in ("test_exact_accuracy", "train_exact_accuracy", "test_token_accuracy"):
+            assert 0.0 <= row[key] <= 1.0
+        assert math.isfinite(row["test_loss"]) and row["test_loss"] > 0
+    assert curve[-1]["test_loss"] < curve[0]["test_loss"]  # a few steps already learn
+    assert summary["chance_exact_accuracy"] == pytest.approx(1e-8)
+    assert summary["prompt_blind_best_exact_accuracy"] == pytest.approx(40320 / 1e8)
+    assert summary["greedy_agrees_with_teacher_forced"] is True
+    assert summary["met"] == (summary["test_exact_accuracy_greedy"] >= summary["target"])
+
+
+def test_sequence_task_and_loss():
+    import jax
+    import numpy as np
+
+    import funcnet as fnet
+
+    module = _load("sequence")
+    x_train, y_train, x_test, y_test = module.make_data(0, "sort", 4, 3, 50, 20)
+    assert x_train.shape == (50, 8) and y_train.shape == (50, 4) and x_test.shape == (20, 8)
+    prompts = x_train[:, :4]
+    assert (y_train == np.sort(prompts, axis=1)).all() and (x_train[:, 4] == 3).all()
+    assert (x_train[:, 5:] == y_train[:, :-1]).all()  # teacher forcing: answer shifted by one
+    assert not {r.tobytes() for r in x_test[:, :4]} & {r.tobytes() for r in prompts}  # held out
+    _, y_reverse, _, _ = module.make_data(0, "reverse", 4, 3, 50, 20)
+    assert (y_reverse == prompts[:, ::-1]).all()  # same prompts, other answer
+    # exactly the prompt-blind optimum: 4 digits of 3 -> counts (2, 1, 1): 4! / (2! 1! 1!) / 3^4
+    assert module.prompt_blind_best("sort", 4, 3) == 12 / 81
+    assert module.prompt_blind_best("reverse", 4, 3) == 3.0 ** -4
+    # the masked loss is softmax cross-entropy over the answer positions only (one jitted
+    # call: eager ops compile one by one)
+    logits = np.random.default_rng(0).normal(size=(5, 8, 3))
+    y = y_train[:5]
+    both = jax.jit(lambda out, y: (module.answer_cross_entropy(out, y),
+                                   fnet.losses.softmax_cross_entropy(out[:, 4:].reshape(20, 3),
+                                                                     y.reshape(20))))
+    value, expected = both(logits, y)
+    assert float(value) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_sequence_greedy_decoding_feeds_back_its_own_tokens():
+    import numpy as np
+
+    module = _load("sequence")
+    n, vocab = 4, 3
+    x, y, _, _ = module.make_data(1, "sort", n, vocab, 30, 1)
+
+    def oracle(params, tokens):
+        """A causal 'model' that answers from the prompt and its own earlier answer
+        tokens: position n + i predicts the smallest prompt digit >= the token before it
+        (at the separator: the smallest digit), counting repeats."""
+        tokens = np.asarray(tokens)
+        logits = np.zeros(tokens.shape + (vocab,))
+        for b, row in enumerate(tokens):
+            remaining = sorted(row[:n].tolist())
+            for i in range(n):
+                if i:
+                    if row[n + i] not in remaining:
+                        break  # a position not filled in yet: later outputs are not read
+                    remaining.remove(row[n + i])  # an answer token fed back in
+                logits[b, n + i, remaining[0]] = 1.0
+        return logits
+
+    assert (module.greedy_decode(oracle, None, x, n) == y).all()
+    # the answer tokens in x are not used: the decoder writes its own
+    scrambled = x.copy()
+    scrambled[:, n + 1:] = (scrambled[:, n + 1:] + 1) % vocab
+    assert (module.greedy_decode(oracle, None, scrambled, n) == y).all()

@@ -25,7 +25,7 @@ from funcnet._arguments import check_bool, check_real
 from funcnet._errors import ArgumentError, Path, format_path
 from funcnet.ad._reverse import Loss, backprop, layer_vjp
 from funcnet.nn._chain import Chain, top_level
-from funcnet.nn._layer import Layer
+from funcnet.nn._layer import Layer, apply_with_key
 from funcnet.nn._residual import Residual
 
 _DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
@@ -157,6 +157,10 @@ def _relative(directional: float, fd: float, scale: float) -> float:
     return abs(directional - fd) / denominator if denominator > 0 else 0.0
 
 
+#: fold_in data of the dropout masks check_grads draws from its key
+_MASKS = 0x6D61736B
+
+
 def check_grads(net: Layer, loss: Loss, params, x, y, rtol: Optional[float] = None,
                 atol: float = 0.0, finite_differences: bool = False,
                 fd_rtol: float = 1e-6, fd_step: float = 1e-6,
@@ -192,6 +196,9 @@ def check_grads(net: Layer, loss: Loss, params, x, y, rtol: Optional[float] = No
         good to about eps^(2/3) ~ 2e-5 only and its step (~5e-3) crosses ReLU kinks, so
         it cannot tell a wrong rule from noise reliably; lower precisions raise.
       key: for the random directions and cotangents; defaults to ``jax.random.key(0)``.
+        A net with stochastic layers (dropout) is checked on one draw of its masks, from
+        ``jax.random.fold_in(key, 0x6D61736B)``, the same draw on both sides; each
+        layer's own-derivative check runs it without a key (dropout as the identity).
 
     Returns:
       A :class:`GradCheckReport` (``print`` it for a table).
@@ -219,16 +226,18 @@ def check_grads(net: Layer, loss: Loss, params, x, y, rtol: Optional[float] = No
             "finite_differences", f"finite differences need float64 params (got "
                                   f"{jnp.dtype(dtype).name}): enable jax.config.update("
                                   f"'jax_enable_x64', True) and cast params and x to float64.")
-    record = backprop(net, loss, params, x, y)
+    key = jax.random.key(0) if key is None else key
+    # a net with dropout is checked on one draw of its masks (both sides the same draw)
+    masks = jax.random.fold_in(key, _MASKS) if net.stochastic else None
+    record = backprop(net, loss, params, x, y, key=masks)
 
     def objective(p):
-        return loss(net.apply(p, x), y)
+        return loss(apply_with_key(net, p, x, masks), y)
 
     reference = jax.grad(objective)(params)
     layers, mine = top_level(net, record.grads)
     _, theirs = top_level(net, reference)
     _, layer_params = top_level(net, params)
-    key = jax.random.key(0) if key is None else key
     checks = []
     for index, (layer, p, ref, w) in enumerate(zip(layers, mine, theirs, layer_params)):
         diff = jax.tree.map(lambda a, b: a - b, p, ref)

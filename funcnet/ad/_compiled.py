@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from funcnet._caches import bounded_cache
 from funcnet.ad._inputs import check_scalar_loss
-from funcnet.nn._layer import Layer
+from funcnet.nn._layer import Layer, apply_with_key
 
 
 def is_concrete(*trees) -> bool:
@@ -24,8 +24,10 @@ def is_concrete(*trees) -> bool:
 
 @bounded_cache(maxsize=1024)
 def compiled_vjp(layer: Layer):
-    """``jax.jit`` of ``(params, z) -> jax.vjp(layer.apply, params, z)``, one per layer."""
-    return jax.jit(lambda params, z: jax.vjp(layer.apply, params, z))
+    """``jax.jit`` of ``(params, z, key) -> jax.vjp(layer.apply, params, z)`` (the key, or
+    None, passed to a stochastic layer), one per layer."""
+    return jax.jit(lambda params, z, key: jax.vjp(
+        lambda w, z_: apply_with_key(layer, w, z_, key), params, z))
 
 
 @jax.jit

@@ -12,9 +12,12 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from funcnet._arguments import check_array, check_callable, check_float_leaves
-from funcnet._errors import ArgumentError, LayerError, shape_str
+from funcnet._arguments import check_array, check_callable, check_float_leaves, check_key
+from funcnet._errors import ArgumentError, LayerError, Path, shape_str
+from funcnet.nn._chain import Chain
 from funcnet.nn._layer import Layer, abstract_init
+from funcnet.nn._repeat import Repeat
+from funcnet.nn._residual import Residual
 
 
 def check_layer(net) -> None:
@@ -43,7 +46,10 @@ def check_batch(net: Layer, params, x, what: str = "x"):
         raise ArgumentError(what, f"holds 0 examples (shape {shape_str(jnp.shape(x))}); pass "
                                   f"at least one.")
     check_float_leaves("params", params)
-    return net.check(params, jnp.shape(x)[1:])
+    out_shape = net.check(params, jnp.shape(x)[1:])
+    if not isinstance(x, jax.core.Tracer):
+        net.check_input_values(x)
+    return out_shape
 
 
 def check_example(net: Layer, params, x, in_shape=None, what: str = "x"):
@@ -72,7 +78,10 @@ def check_example(net: Layer, params, x, in_shape=None, what: str = "x"):
                           f"{shape_str(shape[len(shape) - axes:])}: x looks like a batch. "
                           f"Pass x[0], or jax.vmap over the batch; if x really is one "
                           f"example, say so with in_shape={shape_str(shape)}.")
-    return net.check(params, shape)
+    out_shape = net.check(params, shape)
+    if not isinstance(x, jax.core.Tracer):
+        net.check_input_values(jnp.asarray(x)[None])
+    return out_shape
 
 
 def _params_fit(net: Layer, params, in_shape) -> bool:
@@ -123,7 +132,9 @@ def check_targets(out: jax.ShapeDtypeStruct, y, loss) -> None:
 def output_struct(params, x, out_shape) -> jax.ShapeDtypeStruct:
     """The outputs' shape (B, *out_shape) and a dtype for them (that of params and x)."""
     dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
-    dtype = jnp.result_type(*dtypes, x) if dtypes else jnp.result_type(x, float)
+    # integer inputs (indices) do not take part: the outputs are float either way
+    floats = [x] if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else []
+    dtype = jnp.result_type(*dtypes, *floats) if dtypes else jnp.result_type(*floats, float)
     return jax.ShapeDtypeStruct((jnp.shape(x)[0],) + tuple(out_shape), dtype)
 
 
@@ -134,3 +145,36 @@ def check_scalar_loss(value, loss) -> None:
             f"the loss {name} returned shape {shape_str(jnp.shape(value))}, but a loss "
             f"must return a scalar: the mean over the batch of per-example losses."
         )
+
+
+def stochastic_layer(net: Layer, path: Path = ()):
+    """``(path, layer)`` of the first leaf layer of ``net`` that draws from a key, or None."""
+    if not net.stochastic:
+        return None
+    if isinstance(net, Chain):
+        for index, item in enumerate(net.layers):
+            found = stochastic_layer(item, path + ((index, item.name),))
+            if found is not None:
+                return found
+        return None
+    if isinstance(net, Residual):
+        return stochastic_layer(net.inner, path + ((0, net.inner.name),))
+    if isinstance(net, Repeat):
+        return stochastic_layer(net.layer, path + ((0, net.layer.name),))
+    return path, net
+
+
+def check_training_key(net: Layer, key) -> None:
+    """A given ``key`` must be one PRNG key; without one, a net holding a stochastic
+    layer (dropout) is refused, naming the layer: training draws its masks from a key."""
+    if key is not None:
+        check_key("key", key)
+        return
+    found = stochastic_layer(net)
+    if found is not None:
+        path, layer = found
+        raise LayerError(
+            f"{layer.name} is stochastic (it draws its masks from a PRNG key), but no key "
+            f"was given, so training would see no dropout at all. Pass key=jax.random.key(...) "
+            f"and a new key every step (fnet.fit derives one per step from its own key); "
+            f"to evaluate without dropout, call net.apply(params, x).", path)

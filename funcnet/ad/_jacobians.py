@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from funcnet._arguments import check_shape
@@ -103,6 +104,8 @@ def jacobian(net: Layer, params, x, wrt: str = "input", mode: str = "reverse", *
     """
     _check_choice(wrt, mode)
     check_example(net, params, x, in_shape)
+    if wrt == "input":
+        _check_float_input(jnp.result_type(x))
     if mode == "optimal":
         if wrt == "input":
             return optimal_input_jacobian(net, params, x, _forward_jacobian, _reverse_jacobian)
@@ -116,7 +119,17 @@ def jacobian_plan(net: Layer, in_shape, wrt: str = "input") -> JacobianPlan:
     segments, the mode of each, the multiplication order and the predicted FLOPs (beside
     those of plain forward and reverse mode). ``print`` it for a summary."""
     _check_choice(wrt, "optimal")
+    if wrt == "input" and net.in_dtype is not None:
+        _check_float_input(net.in_dtype)
     return plan(net, check_shape("in_shape", in_shape), wrt)
+
+
+def _check_float_input(dtype) -> None:
+    """A Jacobian with respect to the input needs a floating-point input."""
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise ArgumentError("wrt", f"the network's input has dtype {np.dtype(dtype).name} "
+                                   f"(indices, as an embedding takes), which has no "
+                                   f"derivative: ask for wrt=\"params\" instead.")
 
 
 def layer_jacobians(net: Layer, params, x, *, in_shape=None):
@@ -127,6 +140,7 @@ def layer_jacobians(net: Layer, params, x, *, in_shape=None):
     (shape out_shape_i + in_shape_i), evaluated at the activations z_i of the forward pass.
     Each block is built in the cheaper mode for its shape (forward when its input is the
     smaller side). Returns a tuple of L pairs. ``in_shape``: as for :func:`jacobian`.
+    B_1 is None when x is an integer array (an embedding's indices have no derivative).
     """
     check_example(net, params, x, in_shape)
     layers, layer_params = top_level(net, params)
@@ -139,7 +153,10 @@ def layer_jacobians(net: Layer, params, x, *, in_shape=None):
             a = w  # a parameterless layer: A_i is empty, like its params
         else:
             a = (_forward_jacobian if n_w <= n_out else _reverse_jacobian)(layer, w, z, True)
-        b = (_forward_jacobian if z.size <= n_out else _reverse_jacobian)(layer, w, z, False)
+        if jnp.issubdtype(z.dtype, jnp.inexact):
+            b = (_forward_jacobian if z.size <= n_out else _reverse_jacobian)(layer, w, z, False)
+        else:
+            b = None
         pairs.append((a, b))
         z = out
     return tuple(pairs)

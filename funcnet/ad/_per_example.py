@@ -17,8 +17,8 @@ from funcnet.ad._inputs import check_batch, check_loss, check_target_arrays
 from funcnet.ad._reverse import Loss, backprop
 from funcnet.ad._walk import Walk
 from funcnet.ad.extensions import batch_grad, batch_l2
-from funcnet.nn._chain import Chain, top_level
-from funcnet.nn._layer import Layer
+from funcnet.nn._chain import Chain, top_level, top_level_keys
+from funcnet.nn._layer import Layer, apply_with_key
 
 
 def per_example_grads(net: Layer, loss: Loss, remat: str = "keep"):
@@ -29,7 +29,9 @@ def per_example_grads(net: Layer, loss: Loss, remat: str = "keep"):
     ``batch_grad`` extension (dense layers: g_b = B z_b^T q_b; other layers: their
     pullback one example at a time). The loss must be the batch mean of per-example
     losses, as every loss of ``fnet.losses`` is; then the mean over the batch axis equals
-    ``fnet.grad(net, loss)(params, x, y)``. Jit-compatible.
+    ``fnet.grad(net, loss)(params, x, y)``. Jit-compatible. The function takes ``key=``
+    for stochastic layers (dropout), as :func:`funcnet.backprop` does: g_b is then the
+    gradient of example b's loss under the batch's own masks.
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
@@ -44,9 +46,9 @@ def per_example_grads(net: Layer, loss: Loss, remat: str = "keep"):
     extensions = (batch_grad(),)
     Walk(remat, extensions)
 
-    def per_example_grads_fn(params, x, y):
+    def per_example_grads_fn(params, x, y, key=None):
         _check_per_example_targets(net, params, x, y)
-        record = backprop(net, loss, params, x, y, extensions=extensions, remat=remat)
+        record = backprop(net, loss, params, x, y, extensions=extensions, remat=remat, key=key)
         return record.extensions["batch_grad"]
 
     return per_example_grads_fn
@@ -58,7 +60,8 @@ def per_example_grad_norms(net: Layer, loss: Loss, remat: str = "keep"):
     From ONE forward pass and ONE backward walk with the ``batch_l2`` extension: dense
     layers give ||g_b||^2 without forming g_b (||z_b||^2 ||q_b||^2 times B^2, or the Gram
     form for sequence inputs), so no per-example gradient is materialised for them; other
-    layers square their per-example pullbacks. Jit-compatible.
+    layers square their per-example pullbacks. Jit-compatible; ``key=`` as for
+    :func:`per_example_grads`.
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
@@ -72,9 +75,9 @@ def per_example_grad_norms(net: Layer, loss: Loss, remat: str = "keep"):
     extensions = (batch_l2(),)
     Walk(remat, extensions)
 
-    def norms_fn(params, x, y):
+    def norms_fn(params, x, y, key=None):
         _check_per_example_targets(net, params, x, y)
-        record = backprop(net, loss, params, x, y, extensions=extensions, remat=remat)
+        record = backprop(net, loss, params, x, y, extensions=extensions, remat=remat, key=key)
         return _norms(record.extensions["batch_l2"], jnp.shape(x)[0], record.value.dtype)
 
     return norms_fn
@@ -100,6 +103,8 @@ def clipped_value_and_grad(net: Layer, loss: Loss, max_norm: float, remat: str =
     Args:
       max_norm: the clipping norm, a positive finite number.
       remat: the walk's memory policy (see :func:`funcnet.value_and_grad`).
+
+    The function takes ``key=`` as :func:`per_example_grads` does.
     """
     check_loss(loss)
     max_norm = check_real("max_norm", max_norm)
@@ -108,30 +113,31 @@ def clipped_value_and_grad(net: Layer, loss: Loss, max_norm: float, remat: str =
     extensions = (batch_l2(),)
     Walk(remat, extensions)
 
-    def clipped_fn(params, x, y):
+    def clipped_fn(params, x, y, key=None):
         _check_per_example_targets(net, params, x, y)
-        record, _, grads = clipped_mean(net, loss, max_norm, remat, params, x, y)
+        record, _, grads = clipped_mean(net, loss, max_norm, remat, params, x, y, key=key)
         return record.value, grads
 
     return clipped_fn
 
 
 def clipped_mean(net: Layer, loss: Loss, max_norm: float, remat: str, params, x, y,
-                 weights=None):
+                 weights=None, key=None):
     """(the walk's record, the norms ||g_b|| (B,), (1/B) sum_b w_b c_b g_b) with
     c_b = min(1, max_norm / ||g_b||) and example weights w_b (all 1 when None; DP-SGD
     passes a 0/1 mask for padded examples). Arguments are not checked here."""
-    record = backprop(net, loss, params, x, y, extensions=(batch_l2(),), remat=remat)
+    record = backprop(net, loss, params, x, y, extensions=(batch_l2(),), remat=remat, key=key)
     norms = _norms(record.extensions["batch_l2"], jnp.shape(x)[0], record.value.dtype)
     factors = jnp.where(norms > max_norm, max_norm / jnp.where(norms > 0, norms, 1), 1)
     if weights is not None:
         factors = factors * weights
     layers, layer_params = top_level(net, params)
     grads = []
-    for i, (layer, w) in enumerate(zip(layers, layer_params)):
+    for i, (layer, w, layer_key) in enumerate(zip(layers, layer_params,
+                                                   top_level_keys(net, key))):
         q = record.cotangents[i + 1]
         weighted = q * factors.reshape((-1,) + (1,) * (q.ndim - 1)).astype(q.dtype)
-        grads.append(_param_pullback(layer, w, record.activations[i], weighted))
+        grads.append(_param_pullback(layer, w, record.activations[i], weighted, layer_key))
     return record, norms, tuple(grads) if isinstance(net, Chain) else grads[0]
 
 
@@ -142,15 +148,16 @@ def _norms(squares, batch: int, dtype) -> jax.Array:
     return jnp.sqrt(total)
 
 
-def _param_pullback(layer: Layer, w, z, q):
-    """A^T q for the layer at input z: the params part of its pullback (compiled per
-    layer when called without jit; under jit XLA drops the unused forward output)."""
+def _param_pullback(layer: Layer, w, z, q, key=None):
+    """A^T q for the layer at input z (with its key, drawing the walk's masks again): the
+    params part of its pullback (compiled per layer when called without jit; under jit
+    XLA drops the unused forward output)."""
     if not jax.tree.leaves(w):
         return w
-    if _compiled.is_concrete(w, z, q):
-        _, pullback = _compiled.compiled_vjp(layer)(w, z)
+    if _compiled.is_concrete(w, z, q, key):
+        _, pullback = _compiled.compiled_vjp(layer)(w, z, key)
         return _compiled.run_pullback(pullback, q)[0]
-    return jax.vjp(lambda params: layer.apply(params, z), w)[1](q)[0]
+    return jax.vjp(lambda params: apply_with_key(layer, params, z, key), w)[1](q)[0]
 
 
 def _check_per_example_targets(net: Layer, params, x, y) -> None:

@@ -65,7 +65,7 @@ class ResidualPlan(NamedTuple):
 
 def needs_of(layer: Layer, inputs_needed: bool = False) -> str:
     """What the backward step of ``layer`` needs from the forward pass."""
-    keeps = layer.repeat_keeps
+    keeps = None if layer.stochastic else layer.repeat_keeps  # only its key redraws a mask
     if keeps == OUTPUT and not inputs_needed:
         return OUTPUT
     if keeps in (INPUT, OUTPUT):

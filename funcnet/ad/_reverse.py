@@ -20,27 +20,28 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from funcnet._arguments import check_array, check_float_leaves
+from funcnet._arguments import check_array, check_float_leaves, check_key
 from funcnet._errors import ArgumentError, LayerError, shape_str
 from funcnet.ad import _compiled
-from funcnet.ad._inputs import check_batch, check_loss, check_targets, output_struct
+from funcnet.ad._inputs import (check_batch, check_loss, check_targets, check_training_key,
+                                output_struct)
 from funcnet.ad._walk import Walk, record, record_layers, walk_down, walk_layers
 from funcnet.ad.extensions._base import Extension
-from funcnet.nn._chain import Chain, top_level
+from funcnet.nn._chain import Chain, top_level, top_level_keys
 from funcnet.nn._layer import Layer
 
 Loss = Callable[[jax.Array, Any], jax.Array]
 
 
-def layer_vjp(layer: Layer, params, z, remat: str = "keep"):
+def layer_vjp(layer: Layer, params, z, remat: str = "keep", key=None):
     """``(z_next, pullback)`` with ``pullback(q_next) -> (p, q) = (A^T q_next, B^T q_next)``.
 
     The pullback is a pytree (a ``jax.tree_util.Partial`` over the recorded nodes), so it
     may be returned from a jitted function. ``remat`` is the memory policy of repeats
-    inside the layer.
+    inside the layer; ``key`` (optional) reaches its stochastic layers.
     """
     walk = Walk(remat)
-    out, node = record(layer, params, z, walk)
+    out, node = record(layer, params, z, walk, key)
     return out, Partial(functools.partial(_pullback, walk), node)
 
 
@@ -49,13 +50,15 @@ def _pullback(walk, node, q):
     return down.grads, down.q
 
 
-def vjp(net: Layer, params, x):
+def vjp(net: Layer, params, x, key=None):
     """``(out, pullback)`` of the network at (params, x), by the hand-written backward pass.
 
     Args:
       net: a layer (usually a chain).
       params: its params, as built by ``net.init``.
       x: inputs, shape (B, *in_shape).
+      key: optional PRNG key for stochastic layers (dropout), split over them as
+        ``net.apply(params, x, key=key)`` splits it; without one they are deterministic.
 
     Returns:
       ``out`` of shape (B, *out_shape) and ``pullback(ct) -> (ct_params, ct_x)``: for a
@@ -63,7 +66,9 @@ def vjp(net: Layer, params, x):
       the p_i of the notes when ct is q_{L+1}) and ``ct_x = J_x^T ct`` (q_1).
     """
     check_batch(net, params, x)
-    out, pullback = layer_vjp(net, params, x)
+    if key is not None:
+        check_key("key", key)
+    out, pullback = layer_vjp(net, params, x, key=key)
     # the output shape is static: bound into the function part of the Partial, not a leaf
     return out, Partial(functools.partial(_checked_pullback, tuple(out.shape)), pullback)
 
@@ -107,7 +112,8 @@ class Backprop:
     extensions: Dict[str, Any]
 
 
-def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "keep") -> Backprop:
+def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "keep",
+             key=None) -> Backprop:
     """The forward and the hand-written backward pass, keeping every intermediate quantity.
 
     Args:
@@ -117,6 +123,10 @@ def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "
       extensions: quantities computed by the same backward walk, e.g.
         ``(fnet.extensions.batch_grad(),)``; results in ``record.extensions[name]``.
       remat: the memory policy of the walk (see :func:`value_and_grad`).
+      key: the PRNG key of the stochastic layers (dropout), split over them as
+        ``net.apply(params, x, key=key)`` splits it: the result is exactly the gradient
+        of ``loss(net.apply(params, x, key=key), y)``. Required when the net holds one
+        (a :class:`~funcnet.LayerError` names it otherwise).
 
     Returns:
       A :class:`Backprop` record: value, grads (p_i), cotangents (q_1..q_{L+1}),
@@ -140,9 +150,11 @@ def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "
     walk = Walk(remat, tuple(extensions))
     check_loss(loss)
     out_shape = check_batch(net, params, x)
+    check_training_key(net, key)
     check_targets(output_struct(params, x, out_shape), y, loss)
     layers, layer_params = top_level(net, params)
-    out, activations, nodes = record_layers(layers, layer_params, x, walk)
+    out, activations, nodes = record_layers(layers, layer_params, x, walk,
+                                            top_level_keys(net, key))
     value, q = loss_and_seed(loss, out, y)
     grads, cotangents, shares = walk_layers(nodes, q, walk)
     results = {}
@@ -180,6 +192,9 @@ def value_and_grad(net: Layer, loss: Loss, remat: str = "keep"):
         ``"recompute"`` only the input x, every layer's input recomputed from x when the
         backward pass reaches it (least memory; O(L^2) layer evaluations).
 
+    The function takes ``key=`` for stochastic layers (dropout; required when the net
+    holds one), as :func:`backprop` does.
+
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
       >>> net = fnet.chain(fnet.dense(8), fnet.tanh, fnet.dense(1))
@@ -192,8 +207,8 @@ def value_and_grad(net: Layer, loss: Loss, remat: str = "keep"):
     Walk(remat)  # checks the policy and the loss now, before anything runs
     check_loss(loss)
 
-    def value_and_grad_fn(params, x, y):
-        record_ = backprop(net, loss, params, x, y, remat=remat)
+    def value_and_grad_fn(params, x, y, key=None):
+        record_ = backprop(net, loss, params, x, y, remat=remat, key=key)
         return record_.value, record_.grads
 
     return value_and_grad_fn
@@ -203,7 +218,7 @@ def grad(net: Layer, loss: Loss, remat: str = "keep"):
     """``f(params, x, y) -> grads``; see :func:`value_and_grad`."""
     value_and_grad_fn = value_and_grad(net, loss, remat)
 
-    def grad_fn(params, x, y):
-        return value_and_grad_fn(params, x, y)[1]
+    def grad_fn(params, x, y, key=None):
+        return value_and_grad_fn(params, x, y, key)[1]
 
     return grad_fn

@@ -46,8 +46,8 @@ from funcnet.ad import _compiled
 from funcnet.ad._policies import REMAT_POLICIES, barrier, divisor_near_sqrt, segment_bounds
 from funcnet.ad._repeat_plan import INPUT, OUTPUT, RECORD, residual_plan
 from funcnet.ad.extensions._base import Extension, LeafContext
-from funcnet.nn._chain import Chain, flat_params, nest_params
-from funcnet.nn._layer import Layer
+from funcnet.nn._chain import Chain, flat_keys, flat_params, nest_params
+from funcnet.nn._layer import Layer, apply_with_key
 from funcnet.nn._repeat import Repeat
 from funcnet.nn._residual import Residual
 
@@ -120,16 +120,18 @@ class Skip:
     inner: Any
 
 
-@_pytree("args", meta=("rebuild",))
+@_pytree("args", "keys", meta=("rebuild",))
 class Deferred:
-    """Not kept: ``rebuild(*args)`` records it again (its only inputs, ``args``, are kept)."""
+    """Not kept: ``rebuild(*args, keys)`` records it again (its only inputs, ``args``, are
+    kept; ``keys``, the PRNG keys of its stochastic layers, redraw the same masks)."""
 
     args: Tuple[Any, ...]
+    keys: Any
     rebuild: Callable
 
     def resolve(self, q):
         """The node, recorded again now that the walk has reached it with ``q``."""
-        return self.rebuild(*barrier(tuple(self.args) + (q,))[:-1])
+        return self.rebuild(*barrier(tuple(self.args) + (q,))[:-1], self.keys)
 
 
 @_pytree("params", "kept", "recorded", "top", meta=("repeat", "inputs_needed"))
@@ -146,118 +148,137 @@ class ScanKeep:
     inputs_needed: bool
 
 
-@_pytree("segments", "inputs", meta=("repeat",))
+@_pytree("segments", "inputs", "keys", meta=("repeat",))
 class ScanSegments:
-    """A repeat under ``sqrt``: the inputs of its segments of about sqrt(n) copies."""
+    """A repeat under ``sqrt``: the inputs of its segments of about sqrt(n) copies (and
+    the copies' keys, (count, size) like the segments' params, or None)."""
 
     segments: Any
     inputs: jax.Array
+    keys: Any
     repeat: Repeat
 
 
-@_pytree("params", "z", meta=("repeat",))
+@_pytree("params", "z", "keys", meta=("repeat",))
 class ScanRecompute:
-    """A repeat under ``recompute``: only its input; copy k's input is recomputed from it."""
+    """A repeat under ``recompute``: only its input; copy k's input is recomputed from it
+    (with the copies' keys, or None)."""
 
     params: Any
     z: jax.Array
+    keys: Any
     repeat: Repeat
 
 
 # --- The forward half -----------------------------------------------------------------
 
 
-def record(layer: Layer, params, z, walk: Walk):
-    """``(z_next, node)``: the forward pass of ``layer``, recording its node."""
+def record(layer: Layer, params, z, walk: Walk, key=None):
+    """``(z_next, node)``: the forward pass of ``layer``, recording its node. ``key``
+    (optional) is split over stochastic layers as ``layer.apply`` splits it."""
     if isinstance(layer, Chain):
         nodes = []
-        for item, item_params in zip(layer.layers, params):
-            z, node = record(item, item_params, z, walk)
+        for item, item_params, item_key in zip(layer.layers, params, layer.item_keys(key)):
+            z, node = record(item, item_params, z, walk, item_key)
             nodes.append(node)
         return z, Sequence(tuple(nodes))
     if isinstance(layer, Residual):
-        out, inner = record(layer.inner, params, z, walk)
+        out, inner = record(layer.inner, params, z, walk, key)
         return z + out, Skip(inner)
     if isinstance(layer, Repeat):
-        return _record_repeat(layer, params, z, walk)
-    if _compiled.is_concrete(params, z):  # called without jit: compiled per-layer code
-        out, pullback = _compiled.compiled_vjp(layer)(params, z)
+        return _record_repeat(layer, params, z, walk, layer.copy_keys(key))
+    key = key if layer.stochastic else None
+    if _compiled.is_concrete(params, z, key):  # called without jit: compiled per-layer code
+        out, pullback = _compiled.compiled_vjp(layer)(params, z, key)
         pullback = Partial(_compiled.run_pullback, pullback)
     else:
-        out, pullback = jax.vjp(layer.apply, params, z)
+        out, pullback = jax.vjp(lambda w, z_: apply_with_key(layer, w, z_, key), params, z)
     return out, Leaf(params, z if walk.keeps_inputs else None, pullback, layer)
 
 
-def record_layers(layers, params, x, walk: Walk):
+def record_layers(layers, params, x, walk: Walk, keys=None):
     """The forward pass of a top-level chain under ``walk.policy``.
 
     Returns (z_{L+1}, [z_1..z_{L+1}], nodes): ``keep`` records every layer; ``sqrt`` keeps
     the inputs of segments of about sqrt(L) layers (one spliced :class:`Deferred` node
     each); ``recompute`` keeps only x (one :class:`Deferred` per layer, recomputing its
-    input from x). Repeats inside follow the same policy.
+    input from x). Repeats inside follow the same policy. ``keys``: per layer, its PRNG
+    key or None (``funcnet.nn._chain.top_level_keys``); a deferred node keeps its keys,
+    so what is recorded again draws the same masks.
     """
+    keys = (None,) * len(layers) if keys is None else tuple(keys)
     activations, nodes, z = [x], [], x
     if walk.policy == "keep":
-        for layer, w in zip(layers, params):
-            z, node = record(layer, w, z, walk)
+        for layer, w, key in zip(layers, params, keys):
+            z, node = record(layer, w, z, walk, key)
             activations.append(z)
             nodes.append(node)
         return z, activations, nodes
     if walk.policy == "sqrt":
         for start, stop in segment_bounds(len(layers)):
-            segment = Chain(tuple(layers[start:stop]))
-            nodes.append(Deferred((tuple(params[start:stop]), z),
-                                  functools.partial(_record_segment, segment, walk)))
-            for layer, w in zip(layers[start:stop], params[start:stop]):
-                z = layer.apply(w, z)  # nothing recorded: only the segment inputs are kept
+            nodes.append(Deferred((tuple(params[start:stop]), z), keys[start:stop],
+                                  functools.partial(_record_segment, tuple(layers[start:stop]),
+                                                    walk)))
+            for layer, w, key in zip(layers[start:stop], params[start:stop], keys[start:stop]):
+                z = apply_with_key(layer, w, z, key)  # nothing recorded: only segment inputs kept
                 activations.append(z)
         return z, activations, nodes
-    for index, (layer, w) in enumerate(zip(layers, params)):
-        nodes.append(Deferred((tuple(params[:index + 1]), x),
+    for index, (layer, w, key) in enumerate(zip(layers, params, keys)):
+        nodes.append(Deferred((tuple(params[:index + 1]), x), keys[:index + 1],
                               functools.partial(_record_prefix, tuple(layers[:index + 1]), walk)))
-        z = layer.apply(w, z)
+        z = apply_with_key(layer, w, z, key)
         activations.append(z)
     return z, activations, nodes
 
 
-def _record_segment(segment: Chain, walk: Walk, params, z_in):
-    return Sequence(record(segment, params, z_in, walk)[1].children, spliced=True)
+def _record_segment(layers, walk: Walk, params, z, keys):
+    """A segment of the top-level chain recorded again from its input."""
+    nodes = []
+    for layer, w, key in zip(layers, params, keys):
+        z, node = record(layer, w, z, walk, key)
+        nodes.append(node)
+    return Sequence(tuple(nodes), spliced=True)
 
 
-def _record_prefix(layers, walk: Walk, params, x):
+def _record_prefix(layers, walk: Walk, params, x, keys):
     """Layer i's node, its input z_i recomputed from x through layers 1..i-1."""
     z = x
-    for layer, w in zip(layers[:-1], params[:-1]):
-        z = layer.apply(w, z)
-    return record(layers[-1], params[-1], z, walk)[1]
+    for layer, w, key in zip(layers[:-1], params[:-1], keys[:-1]):
+        z = apply_with_key(layer, w, z, key)
+    return record(layers[-1], params[-1], z, walk, keys[-1])[1]
 
 
-def _record_repeat(repeat: Repeat, params, z, walk: Walk):
+def _record_repeat(repeat: Repeat, params, z, walk: Walk, keys=None):
+    """A repeat's forward pass and node; ``keys``: the copies' keys (n,) or None."""
     if walk.policy == "sqrt":
         size = divisor_near_sqrt(repeat.n)
         count = repeat.n // size
-        segments = jax.tree.map(lambda a: a.reshape((count, size) + a.shape[1:]), params)
+        segments, keys = jax.tree.map(lambda a: a.reshape((count, size) + a.shape[1:]),
+                                      (params, keys))
         segment = Repeat(repeat.layer, size)
-        out, inputs = jax.lax.scan(lambda z_k, w: (segment.apply(w, z_k), z_k), z, segments,
-                                   length=count)
-        return out, ScanSegments(segments, inputs, repeat)
+        out, inputs = jax.lax.scan(
+            lambda z_k, copy: (segment.apply_copies(copy[0], z_k, copy[1]), z_k), z,
+            (segments, keys), length=count)
+        return out, ScanSegments(segments, inputs, keys, repeat)
     if walk.policy == "recompute":
-        return repeat.apply(params, z), ScanRecompute(params, z, repeat)
+        return repeat.apply_copies(params, z, keys), ScanRecompute(params, z, keys, repeat)
     plan = residual_plan(repeat.layer, walk.keeps_inputs)
 
-    def forward_step(z_k, w_k):
+    def forward_step(z_k, copy):
+        w_k, key_k = copy
         kept, recorded = [], []
+        layer_keys = flat_keys(repeat.layer, key_k)
         for j, (layer, w) in enumerate(zip(plan.layers, flat_params(repeat.layer, w_k))):
             if plan.kept[j]:
                 kept.append(z_k)
             if plan.needs[j] == RECORD:
-                z_k, node = record(layer, w, z_k, walk)
+                z_k, node = record(layer, w, z_k, walk, layer_keys[j])
                 recorded.append(node)
-            else:
+            else:  # (a stochastic layer is always recorded: only its key redraws its mask)
                 z_k = layer.apply(w, z_k)
         return z_k, (tuple(kept), tuple(recorded))
 
-    out, (kept, recorded) = jax.lax.scan(forward_step, z, params, length=repeat.n)
+    out, (kept, recorded) = jax.lax.scan(forward_step, z, (params, keys), length=repeat.n)
     top = out if plan.last_step_deferred else None
     return out, ScanKeep(params, kept, recorded, top, repeat, walk.keeps_inputs)
 
@@ -439,13 +460,15 @@ def _walk_scan_segments(node: ScanSegments, q, walk: Walk) -> Down:
     inner_walk = dataclasses.replace(walk, policy="keep")
 
     def segment_step(q_next, inputs):
-        w_segment, z_in, q_next = barrier(inputs + (q_next,))
-        down = walk_down(_record_repeat(segment, w_segment, z_in, inner_walk)[1], q_next, walk)
+        w_segment, z_in, q_next = barrier(inputs[:2] + (q_next,))
+        node = _record_repeat(segment, w_segment, z_in, inner_walk, inputs[2])[1]
+        down = walk_down(node, q_next, walk)
         extensions = tuple(_copies_first(extension, tree)
                            for extension, tree in zip(walk.extensions, down.extensions))
         return down.q, (down.grads, extensions)
 
-    q, (grads, extensions) = jax.lax.scan(segment_step, q, (node.segments, node.inputs),
+    q, (grads, extensions) = jax.lax.scan(segment_step, q,
+                                          (node.segments, node.inputs, node.keys),
                                           reverse=True, length=count)
     grads = jax.tree.map(lambda g: g.reshape((-1,) + g.shape[2:]), grads)
     return Down(grads, q, _copies_last(walk, extensions, copy_axes=2))
@@ -465,15 +488,16 @@ def _copies_first(extension: Extension, tree):
 def _walk_scan_recompute(node: ScanRecompute, q, walk: Walk) -> Down:
     """recompute: a reversed scan over the copies; copy k's input is recomputed from the
     repeat's input through copies 0..k-1, then copy k is recorded and walked."""
-    layer, n = node.repeat.layer, node.repeat.n
+    layer, n, keys = node.repeat.layer, node.repeat.n, node.keys
 
     def copy(tree, k):
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, k, keepdims=False), tree)
 
     def step(q_next, k):
         w_all, z_first, q_next = barrier((node.params, node.z, q_next))
-        z_k = jax.lax.fori_loop(0, k, lambda j, z: layer.apply(copy(w_all, j), z), z_first)
-        down = walk_down(record(layer, copy(w_all, k), z_k, walk)[1], q_next, walk)
+        z_k = jax.lax.fori_loop(
+            0, k, lambda j, z: apply_with_key(layer, copy(w_all, j), z, copy(keys, j)), z_first)
+        down = walk_down(record(layer, copy(w_all, k), z_k, walk, copy(keys, k))[1], q_next, walk)
         return down.q, (down.grads, down.extensions)
 
     q, (grads, extensions) = jax.lax.scan(step, q, jnp.arange(n), reverse=True)

@@ -18,7 +18,7 @@ import jax
 
 from funcnet._arguments import check_key, check_shape
 from funcnet._errors import ArgumentError, LayerError, Path, shape_str
-from funcnet.nn._layer import Layer, abstract_init, check_name
+from funcnet.nn._layer import Layer, abstract_init, apply_with_key, check_name
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -41,6 +41,21 @@ class Chain(Layer):
         """The dtype its inputs take: that of its first layer (None: the default float)."""
         return self.layers[0].in_dtype if self.layers else None
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether a layer it holds draws from a key (see :meth:`item_keys`)."""
+        return any(item.stochastic for item in self.layers)
+
+    def item_keys(self, key) -> Tuple:
+        """Per layer, the key it is applied with: layer i gets ``jax.random.split(key,
+        L)[i]`` when it is stochastic, None otherwise (and every layer None without a
+        key). The backward walk splits the same way, so a key gives the same masks
+        wherever the chain is applied or recorded."""
+        if key is None or not self.stochastic:
+            return (None,) * len(self.layers)
+        keys = jax.random.split(key, len(self.layers))
+        return tuple(keys[i] if item.stochastic else None for i, item in enumerate(self.layers))
+
     def init(self, key, in_shape):
         shape = check_shape("in_shape", in_shape)
         check_key("key", key)
@@ -58,10 +73,12 @@ class Chain(Layer):
             params.append(item_params)
         return tuple(params), tuple(shape)
 
-    def apply(self, params, z):
+    def apply(self, params, z, key=None):
+        """The layers in order; ``key`` (optional) is split over the stochastic ones
+        (:meth:`item_keys`)."""
         self.check(params, z.shape[1:])
-        for item, item_params in zip(self.layers, params):
-            z = item.apply(item_params, z)
+        for item, item_params, item_key in zip(self.layers, params, self.item_keys(key)):
+            z = apply_with_key(item, item_params, z, item_key)
         return z
 
     def check(self, params, in_shape, path: Path = ()):
@@ -80,6 +97,11 @@ class Chain(Layer):
         for index, (item, item_params) in enumerate(zip(self.layers, params)):
             shape = item.check(item_params, shape, path + ((index, item.name),))
         return shape
+
+    def check_input_values(self, z, path: Path = ()) -> None:
+        """Its first layer's check (that layer receives the chain's input)."""
+        if self.layers:
+            self.layers[0].check_input_values(z, path + ((0, self.layers[0].name),))
 
     def flops(self, in_shape) -> int:
         """The sum of its layers'."""
@@ -127,6 +149,21 @@ def flat_layers(layer: Layer) -> Tuple[Layer, ...]:
     if isinstance(layer, Chain):
         return tuple(leaf for item in layer.layers for leaf in flat_layers(item))
     return (layer,)
+
+
+def top_level_keys(net: Layer, key) -> Tuple:
+    """The keys of :func:`top_level`'s layers (None entries where none is drawn)."""
+    if isinstance(net, Chain):
+        return net.item_keys(key)
+    return (key if net.stochastic else None,)
+
+
+def flat_keys(layer: Layer, key) -> List:
+    """The keys of :func:`flat_layers`, in the same order, split as the chains split them."""
+    if isinstance(layer, Chain):
+        return [k for item, item_key in zip(layer.layers, layer.item_keys(key))
+                for k in flat_keys(item, item_key)]
+    return [key if layer.stochastic else None]
 
 
 def flat_params(layer: Layer, params) -> List:

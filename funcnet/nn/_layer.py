@@ -70,7 +70,9 @@ class Layer:
       ``None`` (record its ``jax.vjp`` pullback), ``"input"`` (rebuild the pullback from
       z_i) or ``"output"`` (q_i from the output alone, :meth:`input_cotangent_from_output`);
     - :meth:`rule` -- faster rules for quantities of the backward pass (extensions);
-    - :meth:`sublayers` -- the layers a container holds (summaries).
+    - :meth:`sublayers` -- the layers a container holds (summaries);
+    - ``stochastic`` -- whether ``apply`` takes ``key=`` (see :func:`apply_with_key`);
+    - :meth:`check_input_values` -- checks of a concrete input's values (indices in range).
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
@@ -88,6 +90,10 @@ class Layer:
     rules: Tuple[Tuple[str, Callable], ...] = ()
     #: The dtype of the inputs (a numpy dtype), or None for the default float dtype.
     in_dtype: Optional[np.dtype] = None
+    #: Whether ``apply`` takes a PRNG key, ``apply(params, z, key=None)``, and draws from
+    #: it (dropout); a container is stochastic when a layer it holds is. Without a key a
+    #: stochastic layer is deterministic (dropout: the identity).
+    stochastic: ClassVar[bool] = False
 
     def __init__(self, init: InitFn, apply: ApplyFn, name: str = "layer",
                  rules: Optional[Mapping[str, Callable]] = None, in_dtype=None):
@@ -127,6 +133,15 @@ class Layer:
         expected, out_shape = abstract_init(self, tuple(in_shape), path)
         check_tree_like(expected, params, path, "params", _rebuild_hint(in_shape))
         return out_shape
+
+    def check_input_values(self, z: jax.Array, path: Path = ()) -> None:
+        """Checks the VALUES of a concrete input batch ``z`` (its shape is :meth:`check`'s
+        business), raising :class:`LayerError` naming the layer by ``path``.
+
+        The entry points call it on x while x is concrete (not under jit), before any work;
+        containers pass it to the layer that receives their input. Nothing to check by
+        default; an embedding checks that its indices are in range.
+        """
 
     def flops(self, in_shape: Shape) -> int:
         """Forward FLOPs for ONE example of per-example shape ``in_shape``.
@@ -180,6 +195,15 @@ class Layer:
 
     def __repr__(self):
         return f"<layer {self.name}: {self.describe()}>"
+
+
+def apply_with_key(layer: Layer, params: Params, z: jax.Array, key=None) -> jax.Array:
+    """``layer.apply(params, z)``, with ``key=key`` when the layer is stochastic and a key
+    is given: a layer that takes no key (any user layer with a two-argument ``apply``) is
+    never passed one."""
+    if key is None or not layer.stochastic:
+        return layer.apply(params, z)
+    return layer.apply(params, z, key=key)
 
 
 def rules_tuple(rules: Optional[Mapping[str, Callable]]) -> Tuple[Tuple[str, Callable], ...]:

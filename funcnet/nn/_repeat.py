@@ -14,7 +14,7 @@ import jax
 
 from funcnet._arguments import check_int, check_shape
 from funcnet._errors import ArgumentError, LayerError, Path, shape_str
-from funcnet.nn._layer import Layer
+from funcnet.nn._layer import Layer, apply_with_key
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -45,11 +45,28 @@ class Repeat(Layer):
         keys = jax.random.split(key, self.n)
         return jax.vmap(lambda k: self.layer.init(k, in_shape)[0])(keys), in_shape
 
-    def apply(self, params, z):
-        def body(z, w):
-            return self.layer.apply(w, z), None
+    @property
+    def stochastic(self) -> bool:
+        """Whether the repeated layer draws from a key (see :meth:`copy_keys`)."""
+        return self.layer.stochastic
 
-        return jax.lax.scan(body, z, params, length=self.n)[0]
+    def copy_keys(self, key):
+        """The keys of the n copies, ``jax.random.split(key, n)`` (copy k gets row k), or
+        None without a key or when the layer draws none."""
+        if key is None or not self.stochastic:
+            return None
+        return jax.random.split(key, self.n)
+
+    def apply(self, params, z, key=None):
+        return self.apply_copies(params, z, self.copy_keys(key))
+
+    def apply_copies(self, params, z, keys=None):
+        """The copies in order, copy k with ``keys[k]`` (None: no keys), one scan."""
+        def body(z, copy):
+            w, key = copy
+            return apply_with_key(self.layer, w, z, key), None
+
+        return jax.lax.scan(body, z, (params, keys), length=self.n)[0]
 
     def check(self, params, in_shape, path: Path = ()):
         leaves = jax.tree.leaves(params)
@@ -74,6 +91,10 @@ class Repeat(Layer):
             ) from None
         _check_shape_kept(self, in_shape, out_shape, path)
         return tuple(in_shape)
+
+    def check_input_values(self, z, path: Path = ()) -> None:
+        """The repeated layer's check (copy 0 receives the repeat's input)."""
+        self.layer.check_input_values(z, path + ((0, self.layer.name),))
 
     def flops(self, in_shape) -> int:
         """n times its layer's."""

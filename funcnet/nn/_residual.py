@@ -7,7 +7,7 @@ import math
 
 from funcnet._arguments import check_shape
 from funcnet._errors import ArgumentError, LayerError, Path, shape_str
-from funcnet.nn._layer import Layer
+from funcnet.nn._layer import Layer, apply_with_key
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -35,13 +35,22 @@ class Residual(Layer):
         _check_width_kept(self.inner, in_shape, out_shape, ())
         return params, in_shape
 
-    def apply(self, params, z):
-        return z + self.inner.apply(params, z)
+    @property
+    def stochastic(self) -> bool:
+        """Whether the inner layer draws from a key (it gets the residual's key)."""
+        return self.inner.stochastic
+
+    def apply(self, params, z, key=None):
+        return z + apply_with_key(self.inner, params, z, key)
 
     def check(self, params, in_shape, path: Path = ()):
         out_shape = self.inner.check(params, in_shape, path + ((0, self.inner.name),))
         _check_width_kept(self.inner, in_shape, out_shape, path)
         return tuple(in_shape)
+
+    def check_input_values(self, z, path: Path = ()) -> None:
+        """The inner layer's check."""
+        self.inner.check_input_values(z, path + ((0, self.inner.name),))
 
     def flops(self, in_shape) -> int:
         """The inner layer's, plus one add per entry."""

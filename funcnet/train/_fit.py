@@ -95,22 +95,42 @@ def _indexed_step(net, loss, optimizer, remat, count: int):
 
 @bounded_cache(maxsize=32)
 def _compiled_indexed_step(net, loss, optimizer, remat, count: int):
-    """``run(state, x, y, batches, start)``: one jitted call that takes ``count`` steps on
-    the mini-batches ``batches[start:start + count]`` (an epoch's (steps, batch) index
-    array), gathering each on the device; more than one step is a ``lax.scan``. Indexing
-    inside the call keeps the per-step loop free of small eager programs."""
+    """``run(state, x, y, batches, start, dropout_key)``: one jitted call that takes
+    ``count`` steps on the mini-batches ``batches[start:start + count]`` (an epoch's
+    (steps, batch) index array), gathering each on the device; more than one step is a
+    ``lax.scan``. Indexing inside the call keeps the per-step loop free of small eager
+    programs. A step draws its dropout masks from :func:`step_key` (no key when
+    ``dropout_key`` is None)."""
     step = step_fn(net, loss, optimizer, remat)
 
-    def indexed(state, x, y, indices):
-        return step(state, x[indices], jax.tree.map(lambda t: t[indices], y))
+    def indexed(state, x, y, indices, dropout_key):
+        return step(state, x[indices], jax.tree.map(lambda t: t[indices], y),
+                    step_key(dropout_key, state.step))
 
-    def run(state, x, y, batches, start):
+    def run(state, x, y, batches, start, dropout_key):
         if count == 1:
-            return indexed(state, x, y, batches[start])
+            return indexed(state, x, y, batches[start], dropout_key)
         block = jax.lax.dynamic_slice_in_dim(batches, start, count)
-        return jax.lax.scan(lambda s, indices: indexed(s, x, y, indices), state, block)
+        return jax.lax.scan(lambda s, indices: indexed(s, x, y, indices, dropout_key), state,
+                            block)
 
     return jax.jit(run, donate_argnums=0)
+
+
+#: fold_in data that separates fit's dropout keys from its shuffling keys (fold_in(key, e))
+_DROPOUT_STREAM = 0x64726F70
+
+
+def dropout_root(net: Layer, key):
+    """The key fit's dropout keys derive from, ``fold_in(key, _DROPOUT_STREAM)``, or None
+    for a net without stochastic layers (whose step then takes no key at all)."""
+    return jax.random.fold_in(key, _DROPOUT_STREAM) if net.stochastic else None
+
+
+def step_key(dropout_key, step):
+    """Global step ``step``'s dropout key, ``fold_in(dropout_key, step)``: a function of
+    fit's key and the step count alone, so a resumed run draws the same masks."""
+    return None if dropout_key is None else jax.random.fold_in(dropout_key, step)
 
 
 def _on_device(array):
@@ -139,7 +159,9 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         trains a copy.
       x, y: the training set, batch first (moved to the device once).
       key: PRNG key for shuffling; epoch e uses ``jax.random.fold_in(key, e)``, so a run
-        resumed at ``first_epoch=e`` with the same key sees the same batches.
+        resumed at ``first_epoch=e`` with the same key sees the same batches. A net with
+        stochastic layers (dropout) draws global step s's masks from
+        ``fold_in(fold_in(key, 0x64726F70), s)``: one key per step, the same on resume.
       batch_size: examples per step; ``None`` is full-batch gradient descent, 1 is plain
         SGD. The last ``n % batch_size`` examples of each shuffled epoch are left out, so
         every step has the same shape (one compilation).
@@ -208,14 +230,17 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         state, key, first_epoch = _resume(checkpoint_path, state, key, run, last_epoch)
     epochs = max(0, last_epoch - first_epoch + 1)
+    dropout_key = dropout_root(net, key)
     if privacy is not None:
         x, y = _on_device(x), jax.tree.map(_on_device, y)
-        step = _private_fit_step(net, loss, optimizer, privacy, remat, x, y, batch_size)
+        step = _private_fit_step(net, loss, optimizer, privacy, remat, x, y, batch_size,
+                                 dropout_key)
     elif mesh is None:
         x, y = _on_device(x), jax.tree.map(_on_device, y)
 
         def step(state, batches, start, count):
-            return _indexed_step(net, loss, optimizer, remat, count)(state, x, y, batches, start)
+            return _indexed_step(net, loss, optimizer, remat, count)(
+                state, x, y, batches, start, dropout_key)
     else:
         x, y = np.asarray(x), jax.tree.map(np.asarray, y)
         state = jax.device_put(state, replicated(mesh))
@@ -224,7 +249,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         def step(state, batches, start, count):
             indices = batches[start]  # count is 1: steps_per_call > 1 is refused with a mesh
             batch_x, batch_y = shard_batch(mesh, (x[indices], jax.tree.map(lambda t: t[indices], y)))
-            return sharded_step(state, batch_x, batch_y)
+            return sharded_step(state, batch_x, batch_y, step_key(dropout_key, state.step))
     # how often losses come back to the host (a device sync): about 20 times an epoch,
     # but never more often than every 50 steps, so small steps are not held up by it
     log_every = max(50, steps_per_epoch // 20)
@@ -288,10 +313,13 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
     return FitResult(state, history)
 
 
-def _private_fit_step(net, loss, optimizer, privacy: DPSGD, remat, x, y, batch_size: int):
+def _private_fit_step(net, loss, optimizer, privacy: DPSGD, remat, x, y, batch_size: int,
+                      dropout_key):
     """fit's ``step(state, (masks, noise_key), t, 1)`` for DP-SGD: step t's Poisson sample
     (row t of the masks) in chunks (:func:`chunk_size`) through the compiled accumulate,
-    then the noised update (denominator: the expected batch size ``batch_size``)."""
+    then the noised update (denominator: the expected batch size ``batch_size``). The
+    chunk starting at example c of global step s draws its dropout masks from
+    ``fold_in(fold_in(dropout_key, s), c)`` (no key when ``dropout_key`` is None)."""
     accumulate, update = private_step(net, loss, optimizer, remat)
     chunk = chunk_size(batch_size, int(jnp.shape(x)[0]))
 
@@ -299,10 +327,12 @@ def _private_fit_step(net, loss, optimizer, privacy: DPSGD, remat, x, y, batch_s
         masks, noise_key = batches
         indices, weights, sampled = poisson_sample(masks[start], chunk)
         total, loss_total = zeros_like_tree(state.params), jnp.zeros((), jnp.float32)
+        this_step = step_key(dropout_key, state.step)
         for begin in range(0, len(indices), chunk):
+            chunk_key = None if this_step is None else jax.random.fold_in(this_step, begin)
             total, loss_total = accumulate(state.params, x, y, indices[begin:begin + chunk],
                                            weights[begin:begin + chunk], total, loss_total,
-                                           privacy.max_norm)
+                                           privacy.max_norm, chunk_key)
         return update(state, total, loss_total, sampled, jax.random.fold_in(noise_key, start),
                       batch_size, noise_std(privacy))
 

@@ -117,19 +117,20 @@ def private_step(net, loss, optimizer, remat: str):
     """``(accumulate, update)``, both compiled (once for every clipping norm and noise
     multiplier, which are arguments):
 
-    - ``accumulate(params, x, y, indices, weights, total, loss_total, max_norm)`` adds
-      the clipped sum sum_b w_b c_b g_b and the weighted example losses of the examples
-      ``x[indices]`` (weights 1 for sampled ones, 0 for padding) to the running totals;
+    - ``accumulate(params, x, y, indices, weights, total, loss_total, max_norm, key)``
+      adds the clipped sum sum_b w_b c_b g_b and the weighted example losses of the
+      examples ``x[indices]`` (weights 1 for sampled ones, 0 for padding) to the running
+      totals; ``key`` (None for a net without stochastic layers) draws the dropout masks;
     - ``update(state, total, loss_total, count, key, denominator, noise_std)`` adds noise
       N(0, noise_std^2) (noise_std = sigma C) drawn from ``key`` to the total, divides by
       the denominator and takes the optimizer step (state donated); returns (state, the
       sample's mean loss).
     """
 
-    def accumulate(params, x, y, indices, weights, total, loss_total, max_norm):
+    def accumulate(params, x, y, indices, weights, total, loss_total, max_norm, key=None):
         x_chunk, y_chunk = x[indices], jax.tree.map(lambda t: t[indices], y)
         record, _, mean = clipped_mean(net, loss, max_norm, remat, params, x_chunk, y_chunk,
-                                       weights)
+                                       weights, key)
         size = weights.shape[0]
         total = jax.tree.map(lambda t, g: t + g * size, total, mean)
         losses = jax.vmap(lambda o, t: loss(o[None], jax.tree.map(lambda a: a[None], t)))(
@@ -156,16 +157,21 @@ def _noised(total, key, noise_std):
 
 def private_train_step(net, loss, optimizer, privacy: DPSGD, remat: str):
     """``step(state, x, y, key) -> (state, mean loss)``: DP-SGD on the whole batch given
-    (denominator: its size), the noise drawn from ``key``; see :func:`private_step`."""
+    (denominator: its size), the noise drawn from ``key`` (from ``jax.random.split(key)``'s
+    first key, and the dropout masks from its second, when the net holds dropout); see
+    :func:`private_step`."""
     accumulate, update = private_step(net, loss, optimizer, remat)
 
     def step(state: TrainState, x, y, key):
         check_key("key", key)
+        dropout_key = None
+        if net.stochastic:
+            key, dropout_key = jax.random.split(key)
         batch = jnp.shape(x)[0]
         total, loss_total = accumulate(state.params, x, y, jnp.arange(batch),
                                        jnp.ones((batch,), jnp.float32),
                                        zeros_like_tree(state.params), jnp.zeros((), jnp.float32),
-                                       privacy.max_norm)
+                                       privacy.max_norm, dropout_key)
         return update(state, total, loss_total, batch, key, batch, noise_std(privacy))
 
     return step

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from funcnet._caches import bounded_cache
 from funcnet._errors import ArgumentError
-from funcnet.ad._inputs import check_loss
+from funcnet.ad._inputs import check_loss, check_training_key, stochastic_layer
 from funcnet.ad._reverse import Loss, value_and_grad
 from funcnet.nn._layer import Layer
 from funcnet.train._parallel import batch_sharded, replicated
@@ -30,7 +30,7 @@ from funcnet.train._state import TrainState, check_not_donated, check_optimizer
 def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
                mesh: Optional[Mesh] = None, remat: str = "keep",
                privacy: Optional[DPSGD] = None):
-    """A jitted ``step(state, x, y) -> (state, loss value)``, state buffers donated.
+    """A jitted ``step(state, x, y, key=None) -> (state, loss value)``, state buffers donated.
 
     The donated ``state`` must not be used after the call (its buffers are reused for the
     new state); keep the returned one. Passing a donated state again raises
@@ -38,7 +38,9 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
     :func:`funcnet.data_parallel_mesh`) the step is data-parallel: state replicated, x and
     y split along the batch over the mesh's devices (place them with
     :func:`funcnet.shard_batch`). ``remat`` is the backward pass's memory policy
-    ("keep", "sqrt" or "recompute"; see :func:`funcnet.value_and_grad`). Example::
+    ("keep", "sqrt" or "recompute"; see :func:`funcnet.value_and_grad`). ``key`` reaches
+    the net's stochastic layers (dropout): required when it holds one (a
+    :class:`~funcnet.LayerError` names the layer), and a new one every step. Example::
 
         step = fnet.train_step(net, fnet.losses.softmax_cross_entropy, optax.adam(1e-3))
         state = fnet.init_train_state(params, optax.adam(1e-3))
@@ -63,12 +65,16 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
     except TypeError:  # an unhashable loss or optimizer: compile without the cache
         compiled = _compiled_train_step.__wrapped__(net, loss, optimizer, mesh, remat)
 
-    def step(state: TrainState, x, y):
+    stochastic = stochastic_layer(net) is not None
+
+    def step(state: TrainState, x, y, key=None):
         if not isinstance(state, TrainState):
             raise ArgumentError("state", f"must be a fnet.TrainState (fnet.init_train_state("
                                          f"params, optimizer)), got {type(state).__name__}.")
+        if key is not None or stochastic:
+            check_training_key(net, key)
         try:
-            return compiled(state, x, y)
+            return compiled(state, x, y, key)
         except ValueError:  # jax's error for a deleted buffer, said plainly
             check_not_donated("state", state)
             raise
@@ -83,16 +89,16 @@ def _compiled_train_step(net, loss, optimizer, mesh, remat):
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     state, batch = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(state, batch, batch), out_shardings=(state, state),
-                   donate_argnums=0)
+    return jax.jit(step, in_shardings=(state, batch, batch, state),
+                   out_shardings=(state, state), donate_argnums=0)
 
 
 def step_fn(net, loss, optimizer, remat="keep"):
-    """The uncompiled ``step(state, x, y) -> (state, value)``."""
+    """The uncompiled ``step(state, x, y, key=None) -> (state, value)``."""
     value_and_grad_fn = value_and_grad(net, loss, remat)
 
-    def step(state: TrainState, x, y):
-        value, grads = value_and_grad_fn(state.params, x, y)
+    def step(state: TrainState, x, y, key=None):
+        value, grads = value_and_grad_fn(state.params, x, y, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1), value
