@@ -45,3 +45,13 @@ def random_params(net, in_shape, rng):
         return jnp.asarray(0.1 * rng.standard_normal(shape))
 
     return jax.tree_util.tree_map_with_path(draw, structs), out_shape
+
+
+def problem(net, in_shape, batch, seed=0):
+    """(params, x, y): float64 params drawn like net.init's (:func:`random_params`),
+    standard normal inputs (batch, *in_shape) and targets (batch, *out_shape)."""
+    rng = np.random.default_rng(seed)
+    params, out_shape = random_params(net, in_shape, rng)
+    x = jnp.asarray(rng.standard_normal((batch,) + tuple(in_shape)))
+    y = jnp.asarray(rng.standard_normal((batch,) + tuple(out_shape)))
+    return params, x, y

@@ -4,9 +4,10 @@ the layers beyond the MLP (conv, pooling, norms, embedding, attention, reshape).
 :func:`check_network` compares, in float64 at a relative error of 1e-10 (leaf by leaf,
 relative to the reference leaf's largest entry):
 
-- the loss and p_i (``fnet.value_and_grad``) and q_1 (``record.cotangents[0]``) against
-  ``jax.value_and_grad`` of ``loss(net.apply(params, x), y)``, under every memory policy,
-  jitted and eager;
+- the loss and p_i (``fnet.backprop``) and q_1 (``record.cotangents[0]``) against
+  ``jax.value_and_grad`` of ``loss(net.apply(params, x), y)``, jitted under every memory
+  policy and eagerly under the first (the eager path differs from the jitted one in its
+  per-layer compiled code, not in the policy's walk);
 - every extension (batch_grad, batch_l2, second_moment, variance) against
   ``jax.vmap(jax.grad(l_b))`` over the examples, reduced by the definitions;
 - forward mode (``fnet.jvp``) against ``jax.jvp`` of apply, for a random tangent of the
@@ -70,7 +71,8 @@ def check_network(net, loss, params, x, y, what: str, rng=None, policies=POLICIE
     ext = jax.jit(extension_reference, static_argnums=(0, 1))(
         net, loss, params, x, y) if extensions else {}
     for policy in policies:
-        for jit in jit_modes:
+        # eager calls run the same walk through per-layer compiled code: once, under keep
+        for jit in [j for j in jit_modes if j or policy == policies[0]]:
             fn = _backprop_fn(net, loss, policy, EXTENSIONS if extensions else ())
             got_value, got_grads, got_q1, got_ext = (jax.jit(fn) if jit else fn)(params, x, y)
             where = f"{what} ({policy}, {'jit' if jit else 'eager'})"

@@ -313,8 +313,8 @@ def _perturbing_backprop(monkeypatch, changes):
     """Makes check_grads see funcnet grads with layer i's leaves shifted by changes[i]."""
     real = funcnet.ad._check_grads.backprop
 
-    def fake(net, loss, params, x, y):
-        record = real(net, loss, params, x, y)
+    def fake(net, loss, params, x, y, key=None):
+        record = real(net, loss, params, x, y, key=key)
         grads = list(record.grads)
         for index, delta in changes.items():
             grads[index] = jax.tree.map(lambda g: g + delta, grads[index])

@@ -31,7 +31,7 @@ import pytest
 import funcnet as fnet
 
 # pytest runs with --import-mode=importlib; conftest puts tests/ on sys.path.
-from exactness import assert_close, random_params, rel_err  # noqa: E402
+from exactness import assert_close, problem, rel_err  # noqa: E402
 
 LOSS = fnet.losses.squared_error
 POLICIES = ("keep", "sqrt", "recompute")
@@ -53,13 +53,6 @@ def container_net():
         fnet.dense(2))
 
 
-def problem(net, in_shape, batch, seed=0):
-    """(params, x, y): float64 params drawn like net.init's, inputs and targets."""
-    rng = np.random.default_rng(seed)
-    params, out_shape = random_params(net, in_shape, rng)
-    x = jnp.asarray(rng.standard_normal((batch,) + tuple(in_shape)))
-    y = jnp.asarray(rng.standard_normal((batch,) + tuple(out_shape)))
-    return params, x, y
 
 
 def per_example_grads(net, loss, params, x, y):

@@ -25,7 +25,8 @@ import funcnet as fnet
 from funcnet.ad.extensions import _base as extensions_base
 from funcnet.nn._dense import uses_gram
 from funcnet.nn._layer import abstract_init
-from exactness import assert_close, random_params
+from exactness import assert_close, problem
+from spatial import per_axis, same_pads
 from layer_checks import EXTENSIONS, POLICIES, check_network
 
 SE = fnet.losses.squared_error
@@ -35,10 +36,6 @@ MAX_EXTENT = {1: 7, 2: 5, 3: 4}  # spatial entries per axis, per spatial rank
 # ---------------------------------------------------------------------------------------
 # Random configurations and the naive reference.
 
-def same_pads(n, k, s, d):
-    """DESIGN.md's "SAME": ceil(n / s) outputs, the total padding floor-halved before."""
-    total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
-    return total // 2, total - total // 2
 
 
 class ConvCase(NamedTuple):
@@ -54,22 +51,15 @@ class ConvCase(NamedTuple):
         return f"ConvCase({self.layer.name} on {self.in_shape}, batch {self.batch})"
 
 
-def _per_axis(draw, values, rank):
-    """(argument, per-axis tuple): one int for every axis, or one per axis."""
-    if draw(st.booleans()):
-        value = draw(values)
-        return value, (value,) * rank
-    value = tuple(draw(values) for _ in range(rank))
-    return value, value
 
 
 @st.composite
 def conv_cases(draw, min_stride=1, padding_kinds=("SAME", "VALID", "int", "pairs"),
                ranks=(1, 2, 3)):
     rank = draw(st.sampled_from(ranks))
-    kernel_arg, kernel = _per_axis(draw, st.integers(1, 3), rank)
-    stride_arg, stride = _per_axis(draw, st.integers(min_stride, min_stride + 1), rank)
-    dilation_arg, dilation = _per_axis(draw, st.integers(1, 2), rank)
+    kernel_arg, kernel = per_axis(draw, st.integers(1, 3), rank)
+    stride_arg, stride = per_axis(draw, st.integers(min_stride, min_stride + 1), rank)
+    dilation_arg, dilation = per_axis(draw, st.integers(1, 2), rank)
     kind = draw(st.sampled_from(padding_kinds))
     if kind == "int":
         padding = draw(st.integers(0, 2))
@@ -109,13 +99,6 @@ def naive_conv(case: ConvCase, params, x):
     return out
 
 
-def problem(net, in_shape, batch, seed=0):
-    """Float64 params (NumPy draws in net.init's shapes), x, and targets y."""
-    rng = np.random.default_rng(seed)
-    params, out_shape = random_params(net, in_shape, rng)
-    x = jnp.asarray(rng.standard_normal((batch,) + tuple(in_shape)))
-    y = jnp.asarray(rng.standard_normal((batch,) + tuple(out_shape)))
-    return params, x, y
 
 
 # ---------------------------------------------------------------------------------------

@@ -348,10 +348,10 @@ WHOLE = fnet.repeat(fnet.chain(
     fnet.residual(fnet.chain(fnet.dense(3), fnet.dropout(0.5))),
     fnet.chain(fnet.dense(3), fnet.dropout(0.3)), fnet.tanh), 6)
 # name: (net, key, policies also checked eagerly: eager repeats are compiled scan by scan,
-# call by call, so only one repeat net is). The whole repeat takes a raw uint32 key
+# call by call, so only one repeat net is, under sqrt, whose segments carry their keys). The whole repeat takes a raw uint32 key
 # (jax.random.PRNGKey), which the chain and the repeat split as they split a typed one.
 NETS = {"nested": (NESTED, KEY, POLICIES),
-        "repeat of 4": (REPEATS, KEY, POLICIES),
+        "repeat of 4": (REPEATS, KEY, ("sqrt",)),
         "whole repeat of 6, raw key": (WHOLE, jax.random.PRNGKey(5), ())}
 
 

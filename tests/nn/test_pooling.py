@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import funcnet as fnet
-from exactness import assert_close, random_params
+from exactness import assert_close, problem
+from spatial import per_axis, same_pads
 from layer_checks import POLICIES, check_network
 
 SE = fnet.losses.squared_error
@@ -32,10 +33,6 @@ POOLS = {"max": fnet.max_pool, "avg": fnet.avg_pool}
 # ---------------------------------------------------------------------------------------
 # Random configurations and the naive reference.
 
-def same_pads(n, k, s):
-    """DESIGN.md's "SAME": ceil(n / s) outputs, the total padding floor-halved before."""
-    total = max((math.ceil(n / s) - 1) * s + k - n, 0)
-    return total // 2, total - total // 2
 
 
 class PoolCase(NamedTuple):
@@ -51,13 +48,6 @@ class PoolCase(NamedTuple):
         return f"PoolCase({self.layer.name} on {self.in_shape}, batch {self.batch})"
 
 
-def _per_axis(draw, values, rank):
-    """(argument, per-axis tuple): one int for every axis, or one per axis."""
-    if draw(st.booleans()):
-        value = draw(values)
-        return value, (value,) * rank
-    value = tuple(draw(values) for _ in range(rank))
-    return value, value
 
 
 @st.composite
@@ -66,11 +56,11 @@ def pool_cases(draw, kinds=("max", "avg"), ranks=(1, 2, 3), min_stride=1,
     """Padding of at most window - 1 per side (wider would leave windows of padding only,
     which init refuses)."""
     kind, rank = draw(st.sampled_from(kinds)), draw(st.sampled_from(ranks))
-    window_arg, window = _per_axis(draw, st.integers(1, 3), rank)
+    window_arg, window = per_axis(draw, st.integers(1, 3), rank)
     if min_stride == 1 and draw(st.booleans()):
         stride_arg, stride = None, window
     else:
-        stride_arg, stride = _per_axis(draw, st.integers(min_stride, 3), rank)
+        stride_arg, stride = per_axis(draw, st.integers(min_stride, 3), rank)
     padding_kind = draw(st.sampled_from(padding_kinds))
     if padding_kind == "int":
         padding = draw(st.integers(0, min(window) - 1))
@@ -112,14 +102,6 @@ def naive_pool(case: PoolCase, x):
     return out
 
 
-def problem(net, in_shape, batch, seed=0):
-    """Float64 params from ``net.init`` (pooling has none; convs and dense layers get
-    NumPy draws), x, and targets y."""
-    rng = np.random.default_rng(seed)
-    params, out_shape = random_params(net, in_shape, rng)
-    x = jnp.asarray(rng.standard_normal((batch,) + tuple(in_shape)))
-    y = jnp.asarray(rng.standard_normal((batch,) + tuple(out_shape)))
-    return params, x, y
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from funcnet.ad.extensions import _base as extensions_base
 from funcnet.ad.extensions._base import per_example_grads_generic
 
 # pytest runs with --import-mode=importlib; conftest puts tests/ on sys.path.
-from exactness import assert_close, random_params, rel_err  # noqa: E402
+from exactness import assert_close, problem, random_params, rel_err  # noqa: E402
 
 LOSS = fnet.losses.squared_error
 POLICIES = ("keep", "sqrt", "recompute")
@@ -67,13 +67,6 @@ def reference(net, loss=LOSS):
     return jax.jit(jax.vmap(one_example_grad(net, loss), in_axes=(None, 0, 0)))
 
 
-def problem(net, in_shape, batch, seed=0):
-    """(params, x, y): float64 params drawn like net.init's, inputs and targets."""
-    rng = np.random.default_rng(seed)
-    params, out_shape = random_params(net, in_shape, rng)
-    x = jnp.asarray(rng.standard_normal((batch,) + tuple(in_shape)))
-    y = jnp.asarray(rng.standard_normal((batch,) + tuple(out_shape)))
-    return params, x, y
 
 
 def batch_mean(tree):

@@ -41,7 +41,7 @@ from funcnet.ad.extensions._base import per_example_grads_generic
 from funcnet.nn._dense import uses_gram
 
 # pytest runs with --import-mode=importlib; conftest puts tests/ on sys.path.
-from exactness import TOL, assert_close, random_params, rel_err  # noqa: E402
+from exactness import TOL, assert_close, problem, random_params, rel_err  # noqa: E402
 
 LOSS = fnet.losses.squared_error
 POLICIES = ("keep", "sqrt", "recompute")
@@ -109,13 +109,6 @@ def reference(net, loss=LOSS):
     return jax.jit(unjitted_reference(net, loss))
 
 
-def problem(net, in_shape, batch, seed=0):
-    """(params, x, y): float64 params drawn like net.init's, inputs and targets."""
-    rng = np.random.default_rng(seed)
-    params, out_shape = random_params(net, in_shape, rng)
-    x = jnp.asarray(rng.standard_normal((batch,) + tuple(in_shape)))
-    y = jnp.asarray(rng.standard_normal((batch,) + tuple(out_shape)))
-    return params, x, y
 
 
 def expected_shape(name, batch, leaf_shape):
