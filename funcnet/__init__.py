@@ -13,9 +13,10 @@ from funcnet import atomic, checkpoint, data, losses
 from funcnet._caches import clear_caches
 from funcnet._errors import ArgumentError, LayerError
 from funcnet.ad import (Backprop, GradCheckReport, GradientCheckError, JacobianPlan, LayerCheck,
-                        backprop, check_grads, clipped_value_and_grad, extensions, grad,
-                        jacobian, jacobian_plan, jvp, layer_jacobians, per_example_grad_norms,
-                        per_example_grads, value_and_grad, vjp)
+                        backprop, check_grads, clipped_value_and_grad, extensions, ggn_vp,
+                        grad, hessian_sqrt, hvp, jacobian, jacobian_plan, jvp, layer_jacobians,
+                        per_example_grad_norms, per_example_grads, sampled_hessian_sqrt,
+                        value_and_grad, vjp)
 from funcnet.nn import (Chain, Dense, Layer, Repeat, Residual, Summary, avg_pool, chain, conv,
                         dense, dropout, embedding, flatten, gelu, identity, layer, layer_norm,
                         leaky_relu, max_pool, relu, repeat, reshape, residual, self_attention,
@@ -33,12 +34,12 @@ __all__ = [
     "accuracy", "ArgumentError", "atomic", "avg_pool", "Backprop", "backprop", "chain",
     "check_grads", "checkpoint", "clear_caches", "clipped_value_and_grad", "conv", "data",
     "data_parallel_mesh", "dense", "dp_sgd", "DPSGD", "dropout", "embedding", "evaluate",
-    "extensions", "fit", "FitResult", "flatten", "gelu", "grad", "GradCheckReport",
-    "GradientCheckError", "History", "identity", "init_train_state", "jacobian",
+    "extensions", "fit", "FitResult", "flatten", "gelu", "ggn_vp", "grad", "GradCheckReport",
+    "GradientCheckError", "hessian_sqrt", "History", "hvp", "identity", "init_train_state", "jacobian",
     "jacobian_plan", "JacobianPlan", "jvp", "Layer", "layer", "layer_jacobians",
     "layer_norm", "LayerCheck", "LayerError", "leaky_relu", "losses", "max_pool",
     "per_example_grad_norms", "per_example_grads", "privacy_spent", "relu", "repeat",
-    "reshape", "residual", "self_attention", "shard_batch", "sigmoid", "softplus",
+    "reshape", "residual", "sampled_hessian_sqrt", "self_attention", "shard_batch", "sigmoid", "softplus",
     "Summary", "summary", "tanh", "train_step", "TrainingError", "TrainState",
     "value_and_grad", "vjp",
 ]

@@ -131,21 +131,24 @@ def jvp(net: Layer, params, x, params_dot=None, x_dot=None, key=None):
     return out, jnp.zeros_like(out) if out_dot is None else out_dot
 
 
-def check_tangent_params(net: Layer, params, params_dot, path: Path = ()) -> None:
-    """Raises LayerError, naming the layer, where params_dot differs from params."""
+def check_tangent_params(net: Layer, params, params_dot, path: Path = (),
+                         what: str = "params_dot") -> None:
+    """Raises LayerError, naming the layer, where the tangent ``what`` (params_dot, or v
+    of the curvature products) differs from params."""
     hint = "A tangent must have the structure, shapes and dtypes of the primal params."
     if isinstance(net, Chain):
         if not isinstance(params_dot, tuple) or len(params_dot) != len(net.layers):
             raise LayerError(
-                f"params_dot must be a tuple of {len(net.layers)} entries like params, got "
+                f"{what} must be a tuple of {len(net.layers)} entries like params, got "
                 f"{type(params_dot).__name__}"
                 + (f" of {len(params_dot)} entries" if isinstance(params_dot, tuple) else "")
                 + f". {hint}",
                 path,
             )
         for index, (item, p, p_dot) in enumerate(zip(net.layers, params, params_dot)):
-            check_tangent_params(item, p, p_dot, path + ((index, item.name),))
+            check_tangent_params(item, p, p_dot, path + ((index, item.name),), what)
     elif isinstance(net, Residual):
-        check_tangent_params(net.inner, params, params_dot, path + ((0, net.inner.name),))
+        check_tangent_params(net.inner, params, params_dot, path + ((0, net.inner.name),),
+                             what)
     else:
-        check_tree_like(params, params_dot, path, "params_dot", hint, check_dtype=True)
+        check_tree_like(params, params_dot, path, what, hint, check_dtype=True)

@@ -25,6 +25,8 @@ from funcnet._errors import ArgumentError, LayerError, shape_str
 from funcnet.ad import _compiled
 from funcnet.ad._inputs import (check_batch, check_loss, check_targets, check_training_key,
                                 output_struct)
+from funcnet.ad import _factors as factors
+from funcnet.ad._factors import Flow
 from funcnet.ad._walk import Walk, record, record_layers, walk_down, walk_layers
 from funcnet.ad.extensions._base import Extension
 from funcnet.nn._chain import Chain, top_level, top_level_keys
@@ -46,8 +48,8 @@ def layer_vjp(layer: Layer, params, z, remat: str = "keep", key=None):
 
 
 def _pullback(walk, node, q):
-    down = walk_down(node, q, walk)
-    return down.grads, down.q
+    down = walk_down(node, Flow(q), walk)
+    return down.grads, down.q.q
 
 
 def vjp(net: Layer, params, x, key=None):
@@ -126,7 +128,9 @@ def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "
       key: the PRNG key of the stochastic layers (dropout), split over them as
         ``net.apply(params, x, key=key)`` splits it: the result is exactly the gradient
         of ``loss(net.apply(params, x, key=key), y)``. Required when the net holds one
-        (a :class:`~funcnet.LayerError` names it otherwise).
+        (a :class:`~funcnet.LayerError` names it otherwise), and by the extensions that
+        sample targets (``diag_ggn_mc``, ``kfac``), which draw from
+        fold_in(key, 0x6D63).
 
     Returns:
       A :class:`Backprop` record: value, grads (p_i), cotangents (q_1..q_{L+1}),
@@ -152,17 +156,30 @@ def backprop(net: Layer, loss: Loss, params, x, y, extensions=(), remat: str = "
     out_shape = check_batch(net, params, x)
     check_training_key(net, key)
     check_targets(output_struct(params, x, out_shape), y, loss)
+    _check_extensions(walk, net, key)
     layers, layer_params = top_level(net, params)
     out, activations, nodes = record_layers(layers, layer_params, x, walk,
                                             top_level_keys(net, key))
     value, q = loss_and_seed(loss, out, y)
-    grads, cotangents, shares = walk_layers(nodes, q, walk)
+    flow = Flow(q, factors.seed(walk.factor_kinds, loss, out, y, key))
+    grads, flows, shares = walk_layers(nodes, flow, walk)
     results = {}
     for k, extension in enumerate(walk.extensions):
         per_layer = tuple(share[k] for share in shares)
         results[extension.name] = per_layer if isinstance(net, Chain) else per_layer[0]
     grads = tuple(grads) if isinstance(net, Chain) else grads[0]
-    return Backprop(value, grads, tuple(cotangents), tuple(activations), results)
+    return Backprop(value, grads, tuple(flow.q for flow in flows), tuple(activations), results)
+
+
+def _check_extensions(walk: Walk, net: Layer, key) -> None:
+    """Each extension's own check of the net, and a key for sampled curvature factors."""
+    for extension in walk.extensions:
+        extension.check_network(net)
+        if key is None and any(factors.samples_of(kind) for kind in extension.factor_kinds):
+            raise ArgumentError(
+                "key", f"the {extension.name!r} extension samples targets from the model's "
+                       f"predictive distribution and needs a PRNG key: pass "
+                       f"key=jax.random.key(...) to backprop (a new one for each estimate).")
 
 
 def loss_and_seed(loss: Loss, out, y):

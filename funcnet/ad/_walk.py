@@ -43,6 +43,7 @@ from jax.tree_util import Partial
 from funcnet._caches import bounded_cache
 from funcnet._errors import ArgumentError
 from funcnet.ad import _compiled
+from funcnet.ad._factors import Flow, add_curved_terms, join_skip, pull
 from funcnet.ad._policies import REMAT_POLICIES, barrier, divisor_near_sqrt, segment_bounds
 from funcnet.ad._repeat_plan import INPUT, OUTPUT, RECORD, residual_plan
 from funcnet.ad.extensions._base import Extension, LeafContext
@@ -77,6 +78,12 @@ class Walk:
     def keeps_inputs(self) -> bool:
         """Whether leaves keep their input z_i (extensions read it)."""
         return bool(self.extensions)
+
+    @property
+    def factor_kinds(self) -> Tuple[str, ...]:
+        """The curvature factors carried down beside q (``funcnet.ad._factors``)."""
+        return tuple(sorted({kind for extension in self.extensions
+                             for kind in extension.factor_kinds}))
 
 
 def _pytree(*data: str, meta: Tuple[str, ...] = ()):
@@ -287,40 +294,48 @@ def _record_repeat(repeat: Repeat, params, z, walk: Walk, keys=None):
 
 
 class Down(NamedTuple):
-    """What walking a node down returns: its ``grads`` (like its params), the cotangent
-    ``q`` at its input, and ``extensions``, one pytree like its params per extension."""
+    """What walking a node down returns: its ``grads`` (like its params), the
+    :class:`~funcnet.ad._factors.Flow` ``q`` at its input (the cotangent and any curvature
+    factors), and ``extensions``, one pytree like its params per extension."""
 
     grads: Any
     q: jax.Array
     extensions: Tuple[Any, ...]
 
 
-def leaf_step(leaf: Leaf, q, walk: Walk) -> Down:
+def leaf_step(leaf: Leaf, flow: Flow, walk: Walk) -> Down:
     """THE backward step of leaf layer i: p_i = A_i^T q_{i+1}, q_i = B_i^T q_{i+1} from its
-    pullback, and every extension's share from the same (w_i, z_i, q_{i+1}, pullback)."""
-    p, q_in = leaf.pullback(q)
-    context = LeafContext(leaf.layer, leaf.params, leaf.z, q, leaf.pullback, p)
-    return Down(p, q_in, tuple(_at_leaf(extension, context) for extension in walk.extensions))
+    pullback, the curvature factors pulled back by the same pullback (S_i = B_i^T S_{i+1},
+    column by column, plus a curved layer's own terms), and every extension's share from
+    the same (w_i, z_i, q_{i+1}, factors at z_{i+1}, pullback)."""
+    p, q_in = leaf.pullback(flow.q)
+    factors = add_curved_terms(leaf.layer, leaf.z, flow.q, pull(leaf.pullback, flow.factors))
+    context = LeafContext(leaf.layer, leaf.params, leaf.z, flow.q, leaf.pullback, p,
+                          flow.factors)
+    return Down(p, Flow(q_in, factors),
+                tuple(_at_leaf(extension, context) for extension in walk.extensions))
 
 
 def _at_leaf(extension: Extension, context: LeafContext):
     if not context.has_params:  # nothing to say about a parameterless layer
-        return context.params
-    if _compiled.is_concrete(context.params, context.z, context.q):
+        return extension.empty_share(context.params)
+    if _compiled.is_concrete(context.params, context.z, context.q, context.factors):
         return _compiled_at_leaf(extension, context.layer)(
-            context.params, context.z, context.q, context.pullback, context.grads)
+            context.params, context.z, context.q, context.pullback, context.grads,
+            context.factors)
     return extension.at_leaf(context)
 
 
 @bounded_cache(maxsize=1024)
 def _compiled_at_leaf(extension: Extension, layer: Layer):
     """An extension's rule at one layer, compiled (for calls without jit)."""
-    return jax.jit(lambda params, z, q, pullback, grads:
-                   extension.at_leaf(LeafContext(layer, params, z, q, pullback, grads)))
+    return jax.jit(lambda params, z, q, pullback, grads, factors: extension.at_leaf(
+        LeafContext(layer, params, z, q, pullback, grads, factors)))
 
 
-def walk_down(node, q, walk: Walk) -> Down:
-    """Walks ``node`` down from the cotangent ``q`` at its output."""
+def walk_down(node, q: Flow, walk: Walk) -> Down:
+    """Walks ``node`` down from the :class:`~funcnet.ad._factors.Flow` ``q`` at its output
+    (the cotangent, and the curvature factors when extensions asked for them)."""
     if isinstance(node, Leaf):
         return leaf_step(node, q, walk)
     if isinstance(node, Deferred):
@@ -330,7 +345,7 @@ def walk_down(node, q, walk: Walk) -> Down:
         return Down(tuple(grads), cotangents[0], _per_extension(extensions, len(walk.extensions)))
     if isinstance(node, Skip):
         inner = walk_down(node.inner, q, walk)
-        return Down(inner.grads, q + inner.q, inner.extensions)  # B = I + B_inner
+        return Down(inner.grads, join_skip(q, inner.q), inner.extensions)  # B = I + B_inner
     if isinstance(node, ScanKeep):
         return _walk_scan_keep(node, q, walk)
     if isinstance(node, ScanSegments):
@@ -338,11 +353,12 @@ def walk_down(node, q, walk: Walk) -> Down:
     return _walk_scan_recompute(node, q, walk)
 
 
-def walk_layers(nodes, q, walk: Walk):
-    """Walks a chain's nodes down from q = q_{L+1}.
+def walk_layers(nodes, q: Flow, walk: Walk):
+    """Walks a chain's nodes down from the flow of q = q_{L+1}.
 
-    Returns ([p_1..p_L], [q_1..q_{L+1}], [extension shares of layer 1..L]); the segments
-    of a top-level chain under ``sqrt`` are recorded again and spliced in layer by layer.
+    Returns ([p_1..p_L], [flows of q_1..q_{L+1}], [extension shares of layer 1..L]); the
+    segments of a top-level chain under ``sqrt`` are recorded again and spliced in layer
+    by layer.
     """
     grads, cotangents, extensions = [], [q], []
     for node in reversed(nodes):
@@ -440,8 +456,10 @@ def _walk_scan_keep(node: ScanKeep, q, walk: Walk) -> Down:
         q = cotangents[0]
         if plan.last_step_deferred:  # copy k - 1's last step; there is none below copy 0
             grads.append(jax.tree.map(jnp.zeros_like, weights[-1]))
-            shares.append(tuple(jax.tree.map(jnp.zeros_like, weights[-1]) for _ in walk.extensions))
-            q = jnp.where(k > 0, last_step(kept_k[0], q), q)
+            shares.append(tuple(extension.empty_share(weights[-1])
+                                for extension in walk.extensions))
+            q = jax.tree.map(lambda below, here: jnp.where(k > 0, below, here),
+                             last_step(kept_k[0], q), q)
         extensions = tuple(nest_params(repeat.layer, iter(per_layer))
                            for per_layer in _per_extension(shares, len(walk.extensions)))
         return q, (nest_params(repeat.layer, iter(grads)), extensions)

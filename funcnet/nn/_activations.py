@@ -33,6 +33,7 @@ class Elementwise(Layer):
     name: ClassVar[str] = "elementwise"
     formula: ClassVar[str] = "sigma(z)"
     repeat_keeps: ClassVar[str] = "input"
+    curvature: ClassVar[str] = "elementwise"
 
     def sigma(self, z: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -58,6 +59,7 @@ class Relu(Elementwise):
     name = "relu"
     formula = "max(z, 0)"
     repeat_keeps = "output"
+    curvature = "linear"
 
     def sigma(self, z):
         return jax.nn.relu(z)
@@ -101,6 +103,7 @@ class Identity(Elementwise):
     name = "identity"
     formula = "z"
     repeat_keeps = "output"
+    curvature = "linear"
 
     def sigma(self, z):
         return z
@@ -145,6 +148,7 @@ class LeakyRelu(Elementwise):
 
     alpha: float = 0.01
     formula: ClassVar[str] = "z if z > 0 else alpha z"
+    curvature: ClassVar[str] = "linear"
 
     def __post_init__(self):
         object.__setattr__(self, "alpha", check_real("leaky_relu(alpha)", self.alpha))

@@ -121,6 +121,7 @@ class Conv(Layer):
     bias: bool = True
 
     repeat_keeps: ClassVar[str] = "input"
+    curvature: ClassVar[str] = "linear"
     rules: ClassVar = (("per_example_grads", _per_example_grads),
                        ("per_example_sq_norms", _per_example_sq_norms))
 

@@ -86,6 +86,41 @@ def _sum_of_squares(layer: "Dense", params, z, q):
                         _per_example_grads(layer, params, z, q))
 
 
+def _column_squares(layer: "Dense", z, s, signs):
+    """For vector inputs: z_b^2 (B, fan_in) and sum_m sign[m, b] s[m, b]^2 (B, out), the
+    two sides of every diag(A_b^T S_b S_b^T A_b) (A_b^T s = z_b s^T); None for sequences."""
+    if z.ndim != 2:
+        return None
+    squares = jnp.square(s) if signs is None else jnp.square(s) * signs[..., None]
+    return jnp.square(z), jnp.sum(squares, axis=0)
+
+
+def _per_example_factor_diag(layer: "Dense", params, z, s, signs=None):
+    """diag(A_b^T S_b S_b^T A_b) per example for vector inputs: w: z_b^2 (sum_m S^2)^T,
+    b: sum_m S^2 (signed); None for sequences (the generic rule forms them)."""
+    sides = _column_squares(layer, z, s, signs)
+    if sides is None:
+        return None
+    z2, s2 = sides
+    result = {"w": z2[:, :, None] * s2[:, None, :]}
+    if layer.bias:
+        result["b"] = s2
+    return result
+
+
+def _factor_diag(layer: "Dense", params, z, s, signs=None):
+    """sum_b diag(A_b^T S_b S_b^T A_b) for vector inputs, one matrix product:
+    w: (Z^2)^T (sum_m S_m^2), b: sum over b and m of S^2 (signed); None for sequences."""
+    sides = _column_squares(layer, z, s, signs)
+    if sides is None:
+        return None
+    z2, s2 = sides
+    result = {"w": jnp.einsum("bi,bo->io", z2, s2, precision=_EXACT)}
+    if layer.bias:
+        result["b"] = jnp.sum(s2, axis=0)
+    return result
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Dense(Layer):
     """``g(w; z) = z @ w["w"] + w["b"]`` over the last axis of z.
@@ -104,9 +139,12 @@ class Dense(Layer):
     bias: bool = True
 
     repeat_keeps: ClassVar[str] = "input"
+    curvature: ClassVar[str] = "linear"
     rules: ClassVar = (("per_example_grads", _per_example_grads),
                        ("per_example_sq_norms", _per_example_sq_norms),
-                       ("sum_of_squares", _sum_of_squares))
+                       ("sum_of_squares", _sum_of_squares),
+                       ("per_example_factor_diag", _per_example_factor_diag),
+                       ("factor_diag", _factor_diag))
 
     def __post_init__(self):
         # numpy integers and bools are normalised, so equal layers hash equal

@@ -35,6 +35,7 @@ class Dropout(Layer):
     stochastic: ClassVar[bool] = True
     # its pullback holds the mask, which only its key can rebuild: a repeat records it
     repeat_keeps: ClassVar = None
+    curvature: ClassVar[str] = "linear"
 
     def __post_init__(self):
         rate = check_real("dropout(rate)", self.rate)

@@ -104,6 +104,7 @@ class Embedding(Layer):
     features: int
 
     in_dtype: ClassVar = np.dtype(np.int32)
+    curvature: ClassVar[str] = "linear"
     rules: ClassVar = (("per_example_grads", _per_example_grads),
                        ("per_example_sq_norms", _per_example_sq_norms),
                        ("sum_of_squares", _sum_of_squares))

@@ -72,7 +72,8 @@ class Layer:
     - :meth:`rule` -- faster rules for quantities of the backward pass (extensions);
     - :meth:`sublayers` -- the layers a container holds (summaries);
     - ``stochastic`` -- whether ``apply`` takes ``key=`` (see :func:`apply_with_key`);
-    - :meth:`check_input_values` -- checks of a concrete input's values (indices in range).
+    - :meth:`check_input_values` -- checks of a concrete input's values (indices in range);
+    - ``curvature`` -- ``"linear"``, ``"elementwise"`` or None (``diag_hessian``).
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
@@ -94,6 +95,11 @@ class Layer:
     #: it (dropout); a container is stochastic when a layer it holds is. Without a key a
     #: stochastic layer is deterministic (dropout: the identity).
     stochastic: ClassVar[bool] = False
+    #: The layer's second derivatives, which ``diag_hessian`` needs: ``"linear"`` (g is
+    #: linear, or piecewise linear, in z for fixed w and in w for fixed z: d2g/dz2 = 0 and
+    #: d2g/dw2 = 0), ``"elementwise"`` (no params; g acts entry by entry, so d2g/dz2 is
+    #: diagonal), or None (unknown: ``diag_hessian`` refuses the layer).
+    curvature: ClassVar[Optional[str]] = None
 
     def __init__(self, init: InitFn, apply: ApplyFn, name: str = "layer",
                  rules: Optional[Mapping[str, Callable]] = None, in_dtype=None):
@@ -172,6 +178,12 @@ class Layer:
         The last two default to squaring ``"per_example_grads"``; a rule that gives them
         without forming a_b (dense: ||z_b||^2 ||q_b||^2 and (Z^2)^T (Q^2)) saves the
         (B, *leaf shape) arrays.
+
+        The curvature extensions ask for two more, ``fn(layer, params, z, s, signs)`` with
+        a factor s (M, B, *out_shape) and signs (M, B) or None (``funcnet.ad._factors``):
+        ``"per_example_factor_diag"``, sum_m sign (A_b^T s[m, b])^2 per example, and
+        ``"factor_diag"``, its sum over b. A rule may return None where it does not apply
+        (dense: sequence inputs); the generic rule then runs.
         """
         return dict(self.rules).get(quantity)
 

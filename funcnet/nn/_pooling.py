@@ -28,6 +28,7 @@ class _Pool(Layer):
 
     kind: ClassVar[str] = "pool"
     repeat_keeps: ClassVar[str] = "input"
+    curvature: ClassVar[str] = "linear"  # max: piecewise linear
 
     def __post_init__(self):
         # normalised (numpy ints to ints, lists to tuples, padding names upper-case,

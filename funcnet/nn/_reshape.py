@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Tuple
+from typing import ClassVar, Tuple
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class Flatten(Layer):
     q_i is q_{i+1} reshaped back to the input shape."""
 
     name: str = "flatten"
+    curvature: ClassVar[str] = "linear"
 
     def init(self, key, in_shape):
         return (), (math.prod(check_shape("in_shape", in_shape)),)
@@ -67,6 +68,7 @@ class Reshape(Layer):
     """
 
     shape: Tuple[int, ...]
+    curvature: ClassVar[str] = "linear"
 
     def __post_init__(self):
         object.__setattr__(self, "shape", _target(self.shape))

@@ -26,7 +26,7 @@ a static argument of compiled code) subclassing :class:`Extension`, plus an expo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,8 @@ class LeafContext(NamedTuple):
       pullback: ``pullback(q) -> (A_i^T q, B_i^T q)`` at (w_i, z_i), summed over the batch.
       grads: p_i = A_i^T q_{i+1}, the layer's gradient (like ``params``), which the walk
         has already computed.
+      factors: the curvature factors at the layer's output, ``{kind: (Factor, ...)}``
+        (``funcnet.ad._factors``), for the kinds the extensions asked for.
     """
 
     layer: Layer
@@ -53,6 +55,7 @@ class LeafContext(NamedTuple):
     q: jax.Array
     pullback: Callable
     grads: Any = None
+    factors: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -79,6 +82,20 @@ class Extension:
     #: ``"stack"`` (the shares stacked like the params: quantities per parameter entry)
     #: or ``"sum"`` (added: quantities per parameter LEAF, such as a squared norm over it).
     copies: ClassVar[str] = "stack"
+
+    @property
+    def factor_kinds(self) -> Tuple[str, ...]:
+        """The curvature factors this extension reads (``funcnet.ad._factors``): the walk
+        seeds them from the loss and carries them down beside q. None by default."""
+        return ()
+
+    def check_network(self, net: Layer) -> None:
+        """Raises, naming the layer, when the extension cannot run on ``net``; called by
+        :func:`funcnet.backprop` before any work. Nothing to check by default."""
+
+    def empty_share(self, params) -> Any:
+        """The share of a parameterless layer (params ``()``): ``()`` by default."""
+        return params
 
     def at_leaf(self, context: LeafContext) -> Any:
         """This leaf layer's share: a pytree like ``context.params`` (leaves prefixed by
@@ -123,3 +140,48 @@ def sum_of_squares(context: LeafContext):
     if rule is not None:
         return rule(context.layer, context.params, context.z, context.q)
     return jax.tree.map(lambda a: jnp.sum(jnp.square(a), axis=0), per_example_grads(context))
+
+
+def per_example_factor_diag(context: LeafContext, factor):
+    """sum_m sign[m, b] (A_b^T S[m, b])^2 entrywise for every example b, leaves
+    (B, *leaf shape): the diagonal of A_b^T H_b A_b for the factor's H_b (see
+    ``funcnet.ad._factors``). The layer's rule (``"per_example_factor_diag"``, dense:
+    z_b^2 (sum_m sign S[m, b]^2)^T) when it brings one and it applies, else
+    :func:`per_example_grads` of every column, squared, signed and summed."""
+    rule = context.layer.rule("per_example_factor_diag")
+    result = rule(context.layer, context.params, context.z, *factor) if rule else None
+    if result is not None:
+        return result
+
+    def column(s, signs):
+        grads = per_example_grads(context._replace(q=s))
+        weight = 1 if signs is None else signs
+        return jax.tree.map(lambda a: jnp.square(a) * _expand(weight, a), grads)
+
+    return jax.tree.map(lambda a: jnp.sum(a, axis=0), jax.vmap(column)(*factor))
+
+
+def factor_diag(context: LeafContext, factor):
+    """sum_b sum_m sign[m, b] (A_b^T S[m, b])^2 entrywise, leaves like params: the layer's
+    rule (``"factor_diag"``, dense: (Z^2)^T (sum_m sign S_m^2)) when it applies, else
+    :func:`sum_of_squares` of every column (signed columns split into their positive and
+    negative parts, A_b^T being linear) summed."""
+    rule = context.layer.rule("factor_diag")
+    result = rule(context.layer, context.params, context.z, *factor) if rule else None
+    if result is not None:
+        return result
+
+    def column(s, signs):
+        if signs is None:
+            return sum_of_squares(context._replace(q=s))
+        positive = sum_of_squares(context._replace(q=s * _expand(signs > 0, s)))
+        negative = sum_of_squares(context._replace(q=s * _expand(signs < 0, s)))
+        return jax.tree.map(jnp.subtract, positive, negative)
+
+    return jax.tree.map(lambda a: jnp.sum(a, axis=0), jax.vmap(column)(*factor))
+
+
+def _expand(weight, like):
+    """A per-example weight (B,) shaped to multiply ``like`` (B, ...)."""
+    weight = jnp.asarray(weight, like.dtype)
+    return weight.reshape(weight.shape + (1,) * (like.ndim - weight.ndim))
