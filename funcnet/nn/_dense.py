@@ -121,6 +121,22 @@ def _factor_diag(layer: "Dense", params, z, s, signs=None):
     return result
 
 
+def _kronecker_factors(layer: "Dense", params, z, s, signs=None):
+    """K-FAC's factors of the block of W = [w; b] for vector inputs, None for sequences:
+    A = mean_b zbar_b zbar_b^T (zbar_b = [z_b; 1], no 1 without bias) and
+    G = mean_b sum_m sign s[m, b] s[m, b]^T, since A_b^T s = zbar_b s^T makes the block
+    mean_b kron(zbar_b zbar_b^T, S_b S_b^T) (``funcnet.ad.extensions._kronecker``)."""
+    if z.ndim != 2:
+        return None
+    batch = z.shape[0]
+    if layer.bias:
+        z = jnp.concatenate([z, jnp.ones((batch, 1), z.dtype)], axis=1)
+    weighted = s if signs is None else s * signs[..., None]
+    a = jnp.einsum("bi,bj->ij", z, z, precision=_EXACT) / batch
+    g = jnp.einsum("mbo,mbp->op", weighted, s, precision=_EXACT) / batch
+    return a, g
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Dense(Layer):
     """``g(w; z) = z @ w["w"] + w["b"]`` over the last axis of z.
@@ -144,7 +160,8 @@ class Dense(Layer):
                        ("per_example_sq_norms", _per_example_sq_norms),
                        ("sum_of_squares", _sum_of_squares),
                        ("per_example_factor_diag", _per_example_factor_diag),
-                       ("factor_diag", _factor_diag))
+                       ("factor_diag", _factor_diag),
+                       ("kronecker_factors", _kronecker_factors))
 
     def __post_init__(self):
         # numpy integers and bools are normalised, so equal layers hash equal

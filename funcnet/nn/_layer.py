@@ -183,7 +183,9 @@ class Layer:
         a factor s (M, B, *out_shape) and signs (M, B) or None (``funcnet.ad._factors``):
         ``"per_example_factor_diag"``, sum_m sign (A_b^T s[m, b])^2 per example, and
         ``"factor_diag"``, its sum over b. A rule may return None where it does not apply
-        (dense: sequence inputs); the generic rule then runs.
+        (dense: sequence inputs); the generic rule then runs. ``"kronecker_factors"``
+        (dense with vector inputs) gives K-FAC's pair (A, G) from the same arguments;
+        layers without it get None from ``kflr`` and ``kfac``.
         """
         return dict(self.rules).get(quantity)
 

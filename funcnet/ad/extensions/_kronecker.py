@@ -22,26 +22,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Tuple
 
-import jax.numpy as jnp
-
 from funcnet._arguments import check_int
 from funcnet.ad._factors import GGN, sampled
 from funcnet.ad.extensions._base import Extension, LeafContext
-from funcnet.nn._dense import Dense
 
 
 def kronecker_factors(context: LeafContext, kind: str):
-    """(A, G) at a dense layer with vector inputs, from the factor of ``kind``; else None."""
-    if not isinstance(context.layer, Dense) or context.z.ndim != 2:
+    """(A, G) from the factor of ``kind``, by the layer's ``"kronecker_factors"`` rule (dense
+    layers with vector inputs); None for every other layer."""
+    rule = context.layer.rule("kronecker_factors")
+    if rule is None:
         return None
-    batch = context.batch_size
-    z = context.z
-    if context.layer.bias:
-        z = jnp.concatenate([z, jnp.ones((batch, 1), z.dtype)], axis=1)
     (factor,) = context.factors[kind]
-    a = jnp.einsum("bi,bj->ij", z, z, precision="highest") / batch
-    g = jnp.einsum("mbo,mbp->op", factor.s, factor.s, precision="highest") / batch
-    return a, g
+    return rule(context.layer, context.params, context.z, *factor)
 
 
 @dataclasses.dataclass(frozen=True)
