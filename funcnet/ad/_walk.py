@@ -309,11 +309,11 @@ def leaf_step(leaf: Leaf, flow: Flow, walk: Walk) -> Down:
     column by column, plus a curved layer's own terms), and every extension's share from
     the same (w_i, z_i, q_{i+1}, factors at z_{i+1}, pullback)."""
     p, q_in = leaf.pullback(flow.q)
-    factors = add_curved_terms(leaf.layer, leaf.z, flow.q, pull(leaf.pullback, flow.factors))
     context = LeafContext(leaf.layer, leaf.params, leaf.z, flow.q, leaf.pullback, p,
                           flow.factors)
-    return Down(p, Flow(q_in, factors),
-                tuple(_at_leaf(extension, context) for extension in walk.extensions))
+    shares = tuple(_at_leaf(extension, context) for extension in walk.extensions)
+    factors = add_curved_terms(leaf.layer, leaf.z, flow.q, pull(leaf.pullback, flow.factors))
+    return Down(p, Flow(q_in, factors), shares)
 
 
 def _at_leaf(extension: Extension, context: LeafContext):

@@ -91,8 +91,8 @@ def _column_squares(layer: "Dense", z, s, signs):
     two sides of every diag(A_b^T S_b S_b^T A_b) (A_b^T s = z_b s^T); None for sequences."""
     if z.ndim != 2:
         return None
-    squares = jnp.square(s) if signs is None else jnp.square(s) * signs[..., None]
-    return jnp.square(z), jnp.sum(squares, axis=0)
+    weighted = s if signs is None else s * signs[..., None]
+    return jnp.square(z), jnp.einsum("mbo,mbo->bo", weighted, s, precision=_EXACT)
 
 
 def _per_example_factor_diag(layer: "Dense", params, z, s, signs=None):

@@ -19,6 +19,11 @@ The q here is the cotangent of the batch loss, which is the mean of the examples
 losses l_b: row b of q_{i+1} is (1/B) d l_b / d z_{i+1}[b]. An extension that wants
 per-example quantities of l_b scales by B.
 
+Curvature extensions read more than q: square-root factors S_{i+1} of each example's
+loss Hessian at the layer's output (``funcnet.ad._factors``), which the walk seeds from the
+loss and pulls back beside q for the kinds an extension names in ``factor_kinds``;
+:func:`factor_diag` and :func:`per_example_factor_diag` turn them into diagonals.
+
 A new extension is one module: a frozen dataclass (hashable: the walk's configuration is
 a static argument of compiled code) subclassing :class:`Extension`, plus an export.
 """
