@@ -28,7 +28,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from funcnet.ad._hessian_sqrt import hessian_sqrt, sampled_hessian_sqrt
+from funcnet.ad._hessian_sqrt import hessian_sqrt, sampled_hessian_sqrt, signed_hessian_sqrt
 from funcnet.nn._layer import Layer
 
 #: The kind carrying the loss Hessian's exact square root (diag_ggn, batch_diag_ggn, kflr).
@@ -113,12 +113,14 @@ SAMPLING_TAG = 0x6D63  # "mc"
 
 def seed(kinds: Tuple[str, ...], loss, out, y, key) -> Dict[str, Tuple[Factor, ...]]:
     """The factors at the network's output, one per kind: the loss Hessian's exact square
-    root (``"ggn"``, ``"hessian"``) or a sampled one (``sampled(M)``, drawn from
+    root (``"ggn"``; for ``"hessian"`` a signed one, so that any loss works) or a sampled one (``sampled(M)``, drawn from
     fold_in(fold_in(key, SAMPLING_TAG), M))."""
     factors = {}
     for kind in kinds:
         samples = samples_of(kind)
-        if samples is None:
+        if kind == HESSIAN:  # any loss: a signed root where H_b is indefinite
+            factors[kind] = (Factor(*signed_hessian_sqrt(loss, out, y)),)
+        elif samples is None:
             factors[kind] = (Factor(hessian_sqrt(loss, out, y)),)
         else:
             draw = jax.random.fold_in(jax.random.fold_in(key, SAMPLING_TAG), samples)

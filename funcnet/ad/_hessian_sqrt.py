@@ -15,7 +15,9 @@ S: (C, B, *o), S[m, b] the m-th column of S_b:
 Any other loss: H_b by ``jax.hessian`` of the loss on example b alone and an
 eigendecomposition H_b = V diag(lambda) V^T, S_b = V diag(sqrt(lambda)); the GGN needs
 H_b positive semi-definite, so a clearly negative eigenvalue is an error (NaN under jit,
-where values are not known when the error would be raised).
+where values are not known when the error would be raised). The Hessian's own diagonal
+does not: ``diag_hessian`` takes S_b = V diag(sqrt|lambda|) with signs sign(lambda)
+(:func:`signed_hessian_sqrt`).
 
 Sampled (Monte Carlo) square roots have M columns with E[S_b S_b^T] = H_b: for the three
 losses, targets y^_m drawn from the model's own predictive distribution (Gaussian with
@@ -65,11 +67,22 @@ def hessian_sqrt(loss, out, y) -> jax.Array:
     if loss is losses.softmax_cross_entropy:
         p = jax.nn.softmax(out, axis=1)
         return jnp.sqrt(p).T[:, :, None] * (columns - p[None])
-    return _eigen_sqrt(loss, out, y)
+    return _eigen_sqrt(loss, out, y)[0]
 
 
-def _eigen_sqrt(loss, out, y) -> jax.Array:
-    """S from ``jax.hessian`` of the loss on each example alone and ``eigh``."""
+def signed_hessian_sqrt(loss, out, y):
+    """``(S, signs)`` with sum_m signs[m, b] S[m, b] S[m, b]^T = H_b for ANY loss, convex or
+    not (what ``diag_hessian`` needs): the closed forms with signs None, else the
+    eigendecomposition with S = V diag(sqrt|lambda|) and signs = sign(lambda), (C, B)."""
+    if loss in (losses.squared_error, losses.logistic, losses.softmax_cross_entropy):
+        return hessian_sqrt(loss, out, y), None
+    jax.eval_shape(loss, out, y)
+    return _eigen_sqrt(loss, out, y, signed=True)
+
+
+def _eigen_sqrt(loss, out, y, signed: bool = False):
+    """(S, signs) from ``jax.hessian`` of the loss on each example alone and ``eigh``;
+    unless ``signed``, a clearly negative eigenvalue is an error (signs None)."""
     batch, shape = out.shape[0], out.shape[1:]
     size = math.prod(shape)
 
@@ -78,6 +91,8 @@ def _eigen_sqrt(loss, out, y) -> jax.Array:
         return h.reshape(size, size)
 
     eigenvalues, vectors = jnp.linalg.eigh(jax.vmap(one_example)(out, y))
+    if signed:
+        return _columns(vectors, jnp.sqrt(jnp.abs(eigenvalues)), out), jnp.sign(eigenvalues).T
     tolerance = 100 * size * jnp.finfo(out.dtype).eps * jnp.max(
         jnp.abs(eigenvalues), axis=1, keepdims=True)
     negative = eigenvalues < -tolerance
@@ -93,8 +108,14 @@ def _eigen_sqrt(loss, out, y) -> jax.Array:
                         f"Gauss-Newton matrix J^T H J needs H >= 0 (a convex loss in the "
                         f"outputs); for the true curvature use fnet.hvp.")
     roots = jnp.sqrt(jnp.where(negative, jnp.nan, jnp.maximum(eigenvalues, 0)))  # rounding
-    s = vectors * roots[:, None, :]  # (B, C, M): column m is v_m sqrt(lambda_m)
-    return jnp.transpose(s, (2, 0, 1)).reshape((size, batch) + shape)
+    return _columns(vectors, roots, out), None
+
+
+def _columns(vectors, roots, out):
+    """S (C, B, *o) with S[m, b] = v_bm * roots[b, m], v_bm the m-th eigenvector of H_b."""
+    batch, shape = out.shape[0], out.shape[1:]
+    s = vectors * roots[:, None, :]  # (B, C, M): column m is v_m root_m
+    return jnp.transpose(s, (2, 0, 1)).reshape((-1, batch) + shape)
 
 
 def sampled_hessian_sqrt(loss, out, y, key, samples: int = 1) -> jax.Array:
@@ -121,7 +142,7 @@ def sampled_hessian_sqrt(loss, out, y, key, samples: int = 1) -> jax.Array:
             return batch * jax.grad(lambda o: loss(o, _model_targets(loss, out, k)))(out)
         return jax.vmap(gradient)(keys) / math.sqrt(samples)
     exact = hessian_sqrt(loss, out, y)
-    eps = jax.vmap(lambda k: jax.random.normal(k, exact.shape[:2], out.dtype))(keys)
+    eps = jax.vmap(lambda k: jax.random.normal(k, (batch, exact.shape[0]), out.dtype))(keys)
     return jnp.einsum("mbc,cb...->mb...", eps, exact) / math.sqrt(samples)
 
 
