@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCHMARKS = ("peers", "epoch", "eager", "jacobian_accumulation", "remat_memory",
-              "repeat_depth", "extensions")
+              "repeat_depth", "extensions", "curvature")
 
 
 def main(argv=None):

@@ -13,8 +13,9 @@ channels-first copy of the batch, the rows of the dense after flatten permuted):
   (one walk carrying a C-column square root of the loss Hessian) against BackPACK's
   ``DiagGGNExact`` and against the matrix-free way, one ``fnet.ggn_vp`` product per
   parameter with a unit vector, (G e_i)_i: only feasible on a subset, so ``--directions``
-  (64) products with unit vectors spread over all P parameters run in one ``jax.vmap``,
-  and their time is EXTRAPOLATED to P products (x P / directions; labelled so);
+  (64) products with unit vectors spread over all P parameters run, ``jax.vmap`` over
+  chunks of 16 dispatched one after the other, and their time is EXTRAPOLATED to P
+  products (x P / directions; labelled so);
 - the Kronecker factors: ``fnet.backprop`` with ``fnet.extensions.kflr()`` against
   BackPACK's ``KFLR`` and kfac-jax's exact-GGN factors. On the CNN funcnet's kflr has
   factors for the dense layer only (None for conv layers), so BackPACK's KFLR is extended
@@ -32,7 +33,9 @@ contender once per round, in a fresh random order) after ``--warmup`` untimed on
 median is reported with its interquartile range, each contender over the gradient and
 over the funcnet contender computing the same thing (> 1: funcnet is faster), also as a
 paired ratio (within each round, then the median). Memory: XLA's ``memory_analysis()``
-temporary bytes of every compiled JAX contender.
+temporary bytes of every compiled JAX contender. A contender other than funcnet's own
+whose first call takes over ``--slow-seconds`` (10 s) is timed apart, in 3 runs after the
+rounds (no paired ratio): the ggn_vp loop on the CNN, about 20 s a call here.
 
 Correctness, checked before timing (max |a - b| / max |b|, float32): funcnet's diag_ggn
 against a plain-JAX reference (per example: ``jax.vjp`` of the network at the C columns of
@@ -106,6 +109,9 @@ TIME_TARGET = CLASSES + 2  # fnet diag_ggn, kflr / fnet value_and_grad at most (
 HVP_TARGET = 1.2  # fnet.hvp / jax.jvp(jax.grad) at most
 MEMORY_TARGET = CLASSES  # fnet diag_ggn temp / fnet value_and_grad temp at most
 DIRECTIONS = 64  # unit-vector ggn_vp products timed (then extrapolated to P)
+LOOP_CHUNK = 16  # ... vmapped in chunks of this many, one call per chunk (bounded memory)
+SLOW_SECONDS = 10.0  # a contender whose first call takes longer is timed apart ...
+SLOW_REPEATS = 3  # ... in this many runs (the ggn_vp loop on the CNN)
 
 MLP_FAN_IN, MLP_HIDDEN, MLP_DEPTH, BATCH = 784, 256, 2, 128
 QUICK_FAN_IN, QUICK_HIDDEN, QUICK_BATCH, QUICK_DIRECTIONS = 32, 16, 8, 8
@@ -141,8 +147,9 @@ CONTENDERS = [
               "diag(G)"),
     Contender(BP_DIAG, "backpack", "diag_ggn", "BackPACK: backward with DiagGGNExact()"),
     Contender(LOOP_DIAG, "funcnet", "diag_ggn",
-              "jax.vmap over unit vectors e_i of fnet.ggn_vp, entry i of each G e_i; the "
-              "time of --directions products x P / directions (EXTRAPOLATED to all P)"),
+              f"fnet.ggn_vp with unit vectors e_i (jax.vmap over chunks of {LOOP_CHUNK}, "
+              f"one call per chunk), entry i of each G e_i; the time of --directions products "
+              f"x P / directions (EXTRAPOLATED to all P)"),
     Contender(FN_KFLR, "funcnet", "kflr",
               "fnet.backprop(..., extensions=(fnet.extensions.kflr(),)): value, grads, "
               "(A, G) per dense layer"),
@@ -242,7 +249,10 @@ def jax_hvp(net):
 
 def unit_vector_diag(net, params):
     """``f(params, x, y, indices) -> (G e_i)_i`` for every flat index i (ravel_pytree order),
-    one fnet.ggn_vp per unit vector, jax.vmap over them."""
+    one fnet.ggn_vp per unit vector, jax.vmap over them. The benchmark calls it on chunks
+    of ``LOOP_CHUNK`` indices: all 64 at once take 4.5 GB of temporaries on the CNN, and
+    ``jax.lax.map(..., batch_size=16)`` (a while loop over vmapped chunks) ran 11x slower
+    than the same 16 products vmapped, on XLA's CPU backend."""
     ggn_vp = fnet.ggn_vp(net, fnet.losses.softmax_cross_entropy)
     flat, unravel = ravel_pytree(params)
     size = flat.shape[0]
@@ -372,10 +382,10 @@ def build_torch(name, problem):
         model.zero_grad(set_to_none=True)
         loss = lossfunc(model(x), y)
         # a fresh extension object every call: BackPACK keeps the quantities backpropagated
-        # to an input in the object, and with only the dense layer extended (BP_KFLR on the
-        # CNN) nothing below consumes the one at the dense layer's input; a reused object
-        # then finds it there on a later call ("No accumulation rule") as soon as Python
-        # reuses the input tensor's id
+        # to a module's input in the object, keyed by the input's data_ptr(), and with only
+        # the dense layer extended (BP_KFLR on the CNN) nothing below consumes the one at
+        # its input; a reused object finds it again on a later call whose input lands at
+        # the same address, and raises "No accumulation rule for backpropagated info"
         with backpack(extension()):
             loss.backward()
         return loss.detach()
@@ -404,7 +414,8 @@ def _numpy_outputs(value):
 # --- one configuration ----------------------------------------------------------------------
 
 
-def run_config(config, statuses, repeats: int, warmup: int, seed: int, directions: int):
+def run_config(config, statuses, repeats: int, warmup: int, seed: int, directions: int,
+               slow_seconds: float = math.inf):
     """Build, check and time every contender of one configuration; (rows, summary)."""
     problem = make_problem(config, seed)
     net, params, x, y = problem.net, problem.params, problem.x, problem.y
@@ -421,8 +432,10 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
     n_params = int(flat.shape[0])
     directions = max(1, min(directions, n_params))
     indices_np = np.unique(np.linspace(0, n_params - 1, directions).round().astype(np.int32))
+    chunk = min(LOOP_CHUNK, indices_np.size)
+    indices_np = indices_np[:indices_np.size // chunk * chunk]  # whole chunks
     directions = int(indices_np.size)
-    indices = jax.device_put(indices_np)
+    chunks = [jax.device_put(c) for c in indices_np.reshape(-1, chunk)]
     v = jax.device_put(jax.tree.map(
         lambda a: np.random.default_rng(seed + 3).standard_normal(a.shape).astype(np.float32),
         _to_numpy(params)))
@@ -430,18 +443,18 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
 
     # the plain-JAX references, computed once (not timed)
     start = time.perf_counter()
-    reference = {
-        "diag_ggn": _to_numpy(jax.jit(reference_diag_ggn(net))(params, x, y)),
-        "kflr": _to_numpy(jax.jit(reference_kflr(net, slots))(params, x, y)),
-        "grads": _to_numpy(jax.jit(jax.grad(plain_loss(net)))(params, x, y)),
-    }
+    diag_fn, kflr_fn, grad_fn = (reference_diag_ggn(net), reference_kflr(net, slots),
+                                 jax.grad(plain_loss(net)))
+    reference = _to_numpy(jax.jit(lambda p, x, y: {  # one executable: one compile
+        "diag_ggn": diag_fn(p, x, y), "kflr": kflr_fn(p, x, y), "grads": grad_fn(p, x, y)})(
+            params, x, y))
     print(f"    plain-JAX references in {time.perf_counter() - start:.1f} s", flush=True)
 
     jax_fns: Dict[str, Any] = dict(funcnet_functions(net))
     jax_fns[JAX_HVP] = jax_hvp(net)
     jax_fns[LOOP_DIAG] = unit_vector_diag(net, params)
     arguments = {FN_HVP: (params, x, y, v), JAX_HVP: (params, x, y, v),
-                 LOOP_DIAG: (params, x, y, indices)}
+                 LOOP_DIAG: (params, x, y, chunks[0])}
 
     calls: Dict[str, Callable[[], Any]] = {}
     outputs: Dict[str, Any] = {}
@@ -457,6 +470,8 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
                 row.update({"compile_s": compile_s, "temp_bytes": memory["temp_size_in_bytes"],
                             "temp_mib": mib(memory["temp_size_in_bytes"])})
                 call = blocking(compiled, *args)
+                if name == LOOP_DIAG:  # every chunk, dispatched one after the other
+                    call = _chunked(compiled, params, x, y, chunks)
                 start = time.perf_counter()
                 outputs[name] = _to_numpy(call())
                 row["first_call_s"] = time.perf_counter() - start
@@ -476,8 +491,20 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
     checks = correctness(problem, outputs, reference, indices_np, slots)
     del reference, outputs
 
+    # a contender (not funcnet's own) whose first call took more than slow_seconds is
+    # timed apart, in a few runs of its own after the interleaved rounds
+    slow = {name: calls.pop(name) for name in list(calls)
+            if rows[name]["first_call_s"] > slow_seconds and not name.startswith("fnet")}
     times = interleaved_times(_with_progress(calls, repeats + warmup), repeats=repeats,
                               warmup=warmup, seed=seed)
+    for name, call in slow.items():
+        slow_repeats = max(1, min(repeats, SLOW_REPEATS))
+        print(f"    timing {name} apart: first call {rows[name]['first_call_s']:.0f} s > "
+              f"{slow_seconds:g} s, {slow_repeats} runs", flush=True)
+        times[name] = interleaved_times({name: call}, repeats=slow_repeats, warmup=0)[name]
+        rows[name]["timed_apart"] = (f"first call {rows[name]['first_call_s']:.0f} s > "
+                                     f"{slow_seconds:g} s: {slow_repeats} runs after the "
+                                     f"interleaved rounds")
     scale = n_params / directions
     if LOOP_DIAG in times:  # the subset's times, extrapolated to all P unit vectors
         measured = summarize(times[LOOP_DIAG])
@@ -500,7 +527,7 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
                                / rows[counterpart].get("step_ms", math.nan))
         row["paired_over_funcnet"] = (
             statistics.median(a / b for a, b in zip(times[name], times[counterpart]))
-            if name in times and counterpart in times else math.nan)
+            if name in times and counterpart in times and name not in slow else math.nan)
         row["temp_over_plain"] = row.get("temp_bytes", math.nan) / plain_temp
         row["iqr_ms"] = (f"{row['step_ms_q1']:.3g}-{row['step_ms_q3']:.3g}"
                          if "step_ms" in row else "")
@@ -508,9 +535,20 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
             row["compile_s"] = max(0.0, row["first_call_s"] - row["step_ms"] / 1e3)
     summary = {"config": config._asdict(), "label": config.label, "kind": config.kind,
                "n_params": n_params, "directions": directions,
-               "direction_indices": indices_np.tolist(), "extrapolation_factor": scale,
+               "direction_indices": indices_np.tolist(), "loop_chunk": chunk,
+               "extrapolation_factor": scale,
                "kflr_slots": slots, "checks": checks}
     return list(rows.values()), summary
+
+
+def _chunked(compiled, params, x, y, chunks):
+    """A zero-argument callable running ``compiled`` on every chunk of indices in turn,
+    blocking until all are ready; the entries concatenated."""
+    def call():
+        return jnp.concatenate(jax.block_until_ready(
+            [compiled(params, x, y, c) for c in chunks]))
+
+    return call
 
 
 # --- correctness ----------------------------------------------------------------------------
@@ -662,8 +700,10 @@ def report(results) -> str:
                  f"top-level layers {summary['kflr_slots']}.")
         if loop:
             about += (f" **{LOOP_DIAG}: EXTRAPOLATED** from {loop['directions']} unit-vector "
-                      f"products in one jax.vmap, measured {loop['measured_ms']:.3g} ms, x "
-                      f"P / {loop['directions']} = {loop['extrapolation_factor']:.4g}.")
+                      f"products (jax.vmap over chunks of {summary['loop_chunk']}, one call "
+                      f"per chunk; temp MiB: one chunk's), measured "
+                      f"{loop['measured_ms']:.3g} ms, x P / {loop['directions']} = "
+                      f"{loop['extrapolation_factor']:.4g}.")
         lines += [f"## {summary['label']}", "", about, "", table(rows, COLUMNS, HEADERS), "",
                   table([{"check": k, "rel_diff": v,
                           "ok": (v < CHECK_TOL) if math.isfinite(v) else "n/a"}
@@ -679,6 +719,10 @@ def report(results) -> str:
               "reference checks. On the CNN, funcnet's kflr has no conv factors (None): "
               f"{BP_KFLR} hooks the dense layer only; {BP_KFLR_ALL} (information, no target) "
               "computes the conv factors too.", ""]
+    apart = [r for r in results["rows"] if r.get("timed_apart")]
+    if apart:
+        lines += ["Timed apart (not interleaved; no paired ratio): " + "; ".join(
+            f"{r['config']}: {r['contender']} ({r['timed_apart']})" for r in apart), ""]
     absent = [r for r in results["rows"] if r["status"] != "ok"]
     if absent:
         seen = {}
@@ -714,6 +758,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"toy sizes (MLP {QUICK_FAN_IN}->{QUICK_HIDDEN}x{MLP_DEPTH}->"
                              f"{CLASSES}, the 8x8 CNN, batch {QUICK_BATCH}), few repeats")
+    parser.add_argument("--slow-seconds", type=float, default=SLOW_SECONDS,
+                        help=f"a contender (not funcnet's own) whose first call takes longer "
+                             f"than this is timed apart, in {SLOW_REPEATS} runs after the "
+                             f"interleaved rounds (default {SLOW_SECONDS:g})")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
     args = parser.parse_args(argv)
     configs = configurations(args.configs, args.quick, args.batch, args.hidden)
@@ -736,7 +784,7 @@ def main(argv=None):
         start = time.perf_counter()
         print(f"\n  {config.label}", flush=True)
         config_rows, summary = run_config(config, statuses, repeats, warmup, args.seed,
-                                          directions)
+                                          directions, args.slow_seconds)
         summary["seconds"] = time.perf_counter() - start
         rows += config_rows
         summaries.append(summary)
@@ -749,7 +797,9 @@ def main(argv=None):
         "benchmark": NAME,
         "settings": {"repeats": repeats, "warmup": warmup, "threads_torch": threads,
                      "quick": args.quick, "batch": args.batch, "hidden": args.hidden,
-                     "directions": directions, "seed": args.seed, "dtype": "float32",
+                     "directions": directions, "loop_chunk": LOOP_CHUNK,
+                     "slow_seconds": args.slow_seconds, "slow_repeats": SLOW_REPEATS,
+                     "seed": args.seed, "dtype": "float32",
                      "classes": CLASSES, "check_tolerance": CHECK_TOL,
                      "time_target": TIME_TARGET, "hvp_target": HVP_TARGET,
                      "memory_target": MEMORY_TARGET,

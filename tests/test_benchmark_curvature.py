@@ -86,8 +86,10 @@ def _funcnet_ok(results, kinds):
             row = by[name]
             assert row["status"] == "ok", (label, name, row["detail"])
             for key in ("step_ms", "step_ms_min", "over_plain", "over_funcnet",
-                        "paired_over_funcnet", "temp_over_plain"):
+                        "temp_over_plain"):
                 assert _positive_finite(row[key]), (label, name, key, row.get(key))
+            # timed apart (--slow-seconds): no paired ratio
+            assert _positive_finite(row["paired_over_funcnet"]) != bool(row.get("timed_apart"))
             assert row["temp_bytes"] >= 0 and row["compile_s"] >= 0
         loop = by["ggn_vp x unit vectors (extrapolated)"]
         assert loop["directions"] == 8
@@ -120,10 +122,14 @@ def test_help(capsys):
 
 
 def test_quick_reports_absent_peers(tmp_path):
-    """PyTorch (so BackPACK) and kfac-jax made unimportable."""
-    results, markdown = _run(tmp_path, ["--configs", *ABSENT_CONFIGS],
+    """PyTorch (so BackPACK) and kfac-jax made unimportable; --slow-seconds 0 times every
+    contender but funcnet's own apart (after the rounds)."""
+    results, markdown = _run(tmp_path, ["--configs", *ABSENT_CONFIGS, "--slow-seconds", "0"],
                              blocked=("torch", "backpack", "kfac_jax"))
     _funcnet_ok(results, ABSENT_CONFIGS)
+    apart = {r["contender"] for r in results["rows"] if r.get("timed_apart")}
+    assert apart == {"ggn_vp x unit vectors (extrapolated)", "jax.jvp(jax.grad)"}
+    assert "Timed apart (not interleaved; no paired ratio)" in markdown
     for library in ("torch", "backpack", "kfac-jax"):
         entry = results["libraries"][library]
         assert entry["status"] == "absent" and "not installed" in entry["detail"]

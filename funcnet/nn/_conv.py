@@ -5,7 +5,6 @@ extensions."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import ClassVar, Tuple, Union
 
@@ -16,7 +15,7 @@ from funcnet._arguments import check_bool, check_int, check_shape
 from funcnet.nn._dense import uses_gram
 from funcnet.nn._layer import Layer
 from funcnet.nn._padding import (Geometry, Padding, Sizes, check_padding, check_same_rank,
-                                 check_sizes, geometry, size_str)
+                                 check_sizes, geometry, size_str, window_taps)
 
 _EXACT = jax.lax.Precision.HIGHEST  # per-example products in full precision on every backend
 
@@ -30,19 +29,12 @@ def patches(geo: Geometry, z: jax.Array) -> jax.Array:
     positions and K = prod(kernel) taps, P[b, o, (k, c)] = z_pad[b, o s + k d, c] (tap k
     and channel c flattened row-major, as w's leading axes (*kernel, C) are).
 
-    One strided slice of the zero-padded input per tap: exact (no products) on every
-    backend, and in w's own layout.
+    One strided slice of the zero-padded input per tap (:func:`window_taps`): exact (no
+    products) on every backend, and in w's own layout.
     """
     batch, channels = z.shape[0], z.shape[-1]
-    z_pad = jnp.pad(z, ((0, 0),) + geo.pads + ((0, 0),))
-    taps = []
-    for tap in itertools.product(*(range(k) for k in geo.window)):
-        start = tuple(k * d for k, d in zip(tap, geo.dilation))
-        limit = tuple(a + (o - 1) * s + 1 for a, o, s in zip(start, geo.out, geo.stride))
-        taps.append(jax.lax.slice(z_pad, (0,) + start + (0,), (batch,) + limit + (channels,),
-                                  (1,) + geo.stride + (1,)))
-    stacked = jnp.stack(taps, axis=-2)  # (B, *out, K, C)
-    return stacked.reshape(batch, math.prod(geo.out), len(taps) * channels)
+    stacked = window_taps(geo, z, 0)  # (B, *out, K, C)
+    return stacked.reshape(batch, math.prod(geo.out), -1)
 
 
 def _rows(layer: "Conv", z, q):

@@ -22,9 +22,12 @@ the spatial rank, windows that do not fit) raise :class:`~funcnet.LayerError` at
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from typing import NamedTuple, Tuple, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from funcnet._errors import ArgumentError, LayerError, shape_str
@@ -193,3 +196,21 @@ def check_windows_touch_input(layer: str, in_shape: Tuple[int, ...], geo: Geomet
                 f"{layer}: padding ({lo}, {hi}) along spatial axis {axis} leaves windows of "
                 f"{k} entries over padding only (per-example shape {shape_str(in_shape)}). "
                 f"Pad at most window - 1 = {k - 1} on each side, or use padding=\"SAME\".")
+
+
+def window_taps(geo: Geometry, z: jax.Array, pad_value) -> jax.Array:
+    """Every window of z (B, *spatial, C), tap by tap: (B, *out, K, C) with K = prod(window)
+    and entry [b, o, k, c] = z_pad[b, o s + k d, c], z_pad padded with ``pad_value``.
+
+    One strided slice of the padded input per tap, stacked: exact on every backend, and its
+    pullback is cheap (each slice's transpose is a pad), unlike lax's select-and-scatter.
+    """
+    batch, channels = z.shape[0], z.shape[-1]
+    z_pad = jnp.pad(z, ((0, 0),) + geo.pads + ((0, 0),), constant_values=pad_value)
+    taps = []
+    for tap in itertools.product(*(range(k) for k in geo.window)):
+        start = tuple(k * d for k, d in zip(tap, geo.dilation))
+        limit = tuple(a + (o - 1) * s + 1 for a, o, s in zip(start, geo.out, geo.stride))
+        taps.append(jax.lax.slice(z_pad, (0,) + start + (0,), (batch,) + limit + (channels,),
+                                  (1,) + geo.stride + (1,)))
+    return jnp.stack(taps, axis=-2)

