@@ -81,6 +81,30 @@ def _per_example_sq_norms(layer: "Conv", params, z, q):
     return norms
 
 
+def _per_example_factor_diag(layer: "Conv", params, z, s, signs=None):
+    """sum_m sign[m, b] (A_b^T s[m, b])^2 for every example b, leaves (B, *leaf shape).
+
+    All M columns in ONE product per example: P_b^T [S_b[0] ... S_b[M-1]], the patches
+    (K C, O) against the columns side by side (O, M features), then squared, signed and
+    summed over m; bias: (sum_o S_b[m, o])^2 summed the same way."""
+    p_rows = patches(layer.geometry(z.shape[1:]), z)
+    s_rows = s.reshape(s.shape[:2] + (-1, layer.features))  # (M, B, O, features)
+    weight = jnp.ones(s.shape[:2], s.dtype) if signs is None else signs  # (M, B)
+    w = jnp.einsum("boi,mbof->mbif", p_rows, s_rows, precision=_EXACT)
+    w = jnp.einsum("mbif,mb->bif", jnp.square(w), weight, precision=_EXACT)
+    diag = {"w": w.reshape((z.shape[0],) + params["w"].shape)}
+    if layer.bias:
+        diag["b"] = jnp.einsum("mbf,mb->bf", jnp.square(jnp.sum(s_rows, axis=2)), weight,
+                               precision=_EXACT)
+    return diag
+
+
+def _factor_diag(layer: "Conv", params, z, s, signs=None):
+    """sum_b of :func:`_per_example_factor_diag`, leaves like params."""
+    return {name: jnp.sum(leaf, axis=0)
+            for name, leaf in _per_example_factor_diag(layer, params, z, s, signs).items()}
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class Conv(Layer):
     """Cross-correlation with zero padding, channels last, 1, 2 or 3 spatial axes.
@@ -115,7 +139,9 @@ class Conv(Layer):
     repeat_keeps: ClassVar[str] = "input"
     curvature: ClassVar[str] = "linear"
     rules: ClassVar = (("per_example_grads", _per_example_grads),
-                       ("per_example_sq_norms", _per_example_sq_norms))
+                       ("per_example_sq_norms", _per_example_sq_norms),
+                       ("per_example_factor_diag", _per_example_factor_diag),
+                       ("factor_diag", _factor_diag))
 
     def __post_init__(self):
         # normalised (numpy ints to ints, lists to tuples, padding names upper-case), so
