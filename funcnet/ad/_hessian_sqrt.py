@@ -83,8 +83,7 @@ def signed_hessian_sqrt(loss, out, y):
 def _eigen_sqrt(loss, out, y, signed: bool = False):
     """(S, signs) from ``jax.hessian`` of the loss on each example alone and ``eigh``;
     unless ``signed``, a clearly negative eigenvalue is an error (signs None)."""
-    batch, shape = out.shape[0], out.shape[1:]
-    size = math.prod(shape)
+    size = math.prod(out.shape[1:])
 
     def one_example(o_b, y_b):
         h = jax.hessian(lambda o: loss(o[None], jax.tree.map(lambda a: a[None], y_b)))(o_b)

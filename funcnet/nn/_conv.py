@@ -32,9 +32,8 @@ def patches(geo: Geometry, z: jax.Array) -> jax.Array:
     One strided slice of the zero-padded input per tap (:func:`window_taps`): exact (no
     products) on every backend, and in w's own layout.
     """
-    batch, channels = z.shape[0], z.shape[-1]
     stacked = window_taps(geo, z, 0)  # (B, *out, K, C)
-    return stacked.reshape(batch, math.prod(geo.out), -1)
+    return stacked.reshape(z.shape[0], math.prod(geo.out), -1)
 
 
 def _rows(layer: "Conv", z, q):
