@@ -81,7 +81,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import importlib  # noqa: E402
 import importlib.metadata  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -95,10 +94,10 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import funcnet as fnet  # noqa: E402
-from _timing import (benchmark_parser, blocking, environment, interleaved_times,  # noqa: E402
-                     max_rel_diff, memory_stats, mib, save_results, summarize, table,
+from _timing import (benchmark_parser, blocking, environment, max_rel_diff,  # noqa: E402
+                     memory_stats, mib, save_results, summarize, table,
                      target_row, targets_table)
-from extensions import (_compile, _failed, _to_numpy, _with_progress,  # noqa: E402
+from extensions import (_compile, _failed, _to_numpy, add_statistics, time_contenders,  # noqa: E402
                         cross_entropy, library_status, make_problem, torch_batch)
 from peers import (CLASSES, CNN_CONFIG, QUICK_CNN_CONFIG, CNNConfig, Config,  # noqa: E402
                    chw_to_hwc_rows, machine, machine_line)
@@ -491,20 +490,8 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
     checks = correctness(problem, outputs, reference, indices_np, slots)
     del reference, outputs
 
-    # a contender (not funcnet's own) whose first call took more than slow_seconds is
-    # timed apart, in a few runs of its own after the interleaved rounds
-    slow = {name: calls.pop(name) for name in list(calls)
-            if rows[name]["first_call_s"] > slow_seconds and not name.startswith("fnet")}
-    times = interleaved_times(_with_progress(calls, repeats + warmup), repeats=repeats,
-                              warmup=warmup, seed=seed)
-    for name, call in slow.items():
-        slow_repeats = max(1, min(repeats, SLOW_REPEATS))
-        print(f"    timing {name} apart: first call {rows[name]['first_call_s']:.0f} s > "
-              f"{slow_seconds:g} s, {slow_repeats} runs", flush=True)
-        times[name] = interleaved_times({name: call}, repeats=slow_repeats, warmup=0)[name]
-        rows[name]["timed_apart"] = (f"first call {rows[name]['first_call_s']:.0f} s > "
-                                     f"{slow_seconds:g} s: {slow_repeats} runs after the "
-                                     f"interleaved rounds")
+    times, slow = time_contenders(calls, rows, repeats, warmup, seed, slow_seconds,
+                                  SLOW_REPEATS)
     scale = n_params / directions
     if LOOP_DIAG in times:  # the subset's times, extrapolated to all P unit vectors
         measured = summarize(times[LOOP_DIAG])
@@ -512,27 +499,7 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
                                 "measured_ms": 1e3 * measured["median"],
                                 "measured_samples_ms": [1e3 * t for t in times[LOOP_DIAG]]})
         times[LOOP_DIAG] = [t * scale for t in times[LOOP_DIAG]]
-    for name, ts in times.items():
-        stats = summarize(ts)
-        rows[name].update({"step_ms": 1e3 * stats["median"], "step_ms_q1": 1e3 * stats["q1"],
-                           "step_ms_q3": 1e3 * stats["q3"], "step_ms_min": 1e3 * stats["min"],
-                           "samples_ms": [1e3 * t for t in ts]})
-    plain_ms = rows[FN_GRAD].get("step_ms", math.nan)
-    plain_temp = rows[FN_GRAD].get("temp_bytes", math.nan)
-    for name, row in rows.items():
-        counterpart = COUNTERPART[BY_NAME[name].job]
-        row["counterpart"] = counterpart
-        row["over_plain"] = row.get("step_ms", math.nan) / plain_ms
-        row["over_funcnet"] = (row.get("step_ms", math.nan)
-                               / rows[counterpart].get("step_ms", math.nan))
-        row["paired_over_funcnet"] = (
-            statistics.median(a / b for a, b in zip(times[name], times[counterpart]))
-            if name in times and counterpart in times and name not in slow else math.nan)
-        row["temp_over_plain"] = row.get("temp_bytes", math.nan) / plain_temp
-        row["iqr_ms"] = (f"{row['step_ms_q1']:.3g}-{row['step_ms_q3']:.3g}"
-                         if "step_ms" in row else "")
-        if "first_call_s" in row and "step_ms" in row and "compile_s" not in row:
-            row["compile_s"] = max(0.0, row["first_call_s"] - row["step_ms"] / 1e3)
+    add_statistics(rows, times, slow, FN_GRAD, lambda name: COUNTERPART[BY_NAME[name].job])
     summary = {"config": config._asdict(), "label": config.label, "kind": config.kind,
                "n_params": n_params, "directions": directions,
                "direction_indices": indices_np.tolist(), "loop_chunk": chunk,

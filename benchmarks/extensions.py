@@ -604,29 +604,52 @@ def run_config(config, names: Sequence[str], statuses, threads: int, repeats: in
     checks = correctness(problem, outputs, reference, kind_names)
     del reference, outputs
 
-    # contenders whose first call took more than slow_seconds are timed apart, in a few
-    # rounds of their own after the interleaved ones (jax-privacy's, at the full size)
+    times, slow = time_contenders(calls, rows, repeats, warmup, seed, slow_seconds,
+                                  SLOW_REPEATS)
+    add_statistics(rows, times, slow, FN_PLAIN, lambda name: COUNTERPART[BY_NAME[name].job])
+    summary = {"config": config._asdict(), "label": config.label, "kind": config.kind,
+               "jobs": list(jobs), "n_params": config.n_params(),
+               "max_norm": max_norm,
+               "clipped_fraction": clipped_fraction,
+               "per_example_grads_mib": mib(4.0 * config.batch * config.n_params()),
+               "checks": checks}
+    return list(rows.values()), summary
+
+
+def time_contenders(calls: Dict[str, Callable[[], Any]], rows, repeats: int, warmup: int,
+                    seed: int, slow_seconds: float, slow_repeats: int):
+    """``(times, slow)``: every call timed in ``repeats`` interleaved rounds after
+    ``warmup`` (with a progress bar), except the contenders (not funcnet's own) whose
+    first call took over ``slow_seconds``: those (``slow``) are timed apart afterwards, in
+    ``slow_repeats`` runs of their own, and their rows say so."""
     slow = {name: calls.pop(name) for name in list(calls)
             if rows[name]["first_call_s"] > slow_seconds and not name.startswith("fnet")}
     times = interleaved_times(_with_progress(calls, repeats + warmup), repeats=repeats,
                               warmup=warmup, seed=seed)
     for name, call in slow.items():
-        slow_repeats = max(1, min(repeats, SLOW_REPEATS))
+        runs = max(1, min(repeats, slow_repeats))
         print(f"    timing {name} apart: first call {rows[name]['first_call_s']:.0f} s > "
-              f"{slow_seconds:g} s, {slow_repeats} runs", flush=True)
-        times[name] = interleaved_times({name: call}, repeats=slow_repeats, warmup=0)[name]
+              f"{slow_seconds:g} s, {runs} runs", flush=True)
+        times[name] = interleaved_times({name: call}, repeats=runs, warmup=0)[name]
         rows[name]["timed_apart"] = (f"first call {rows[name]['first_call_s']:.0f} s > "
-                                     f"{slow_seconds:g} s: {slow_repeats} runs after the "
+                                     f"{slow_seconds:g} s: {runs} runs after the "
                                      f"interleaved rounds")
+    return times, slow
+
+
+def add_statistics(rows, times, slow, plain: str, counterpart_of: Callable[[str], str]):
+    """Fills every row with its median, quartiles and samples (ms), its time and temporary
+    memory over the ``plain`` row's, and its time over its funcnet counterpart's (also
+    paired: the median of the per-round ratios, for contenders timed in the rounds)."""
     for name, ts in times.items():
         stats = summarize(ts)
         rows[name].update({"step_ms": 1e3 * stats["median"], "step_ms_q1": 1e3 * stats["q1"],
                            "step_ms_q3": 1e3 * stats["q3"], "step_ms_min": 1e3 * stats["min"],
                            "samples_ms": [1e3 * t for t in ts]})
-    plain_ms = rows[FN_PLAIN].get("step_ms", math.nan)
-    plain_temp = rows[FN_PLAIN].get("temp_bytes", math.nan)
+    plain_ms = rows[plain].get("step_ms", math.nan)
+    plain_temp = rows[plain].get("temp_bytes", math.nan)
     for name, row in rows.items():
-        counterpart = COUNTERPART[BY_NAME[name].job]
+        counterpart = counterpart_of(name)
         row["counterpart"] = counterpart
         row["over_plain"] = row.get("step_ms", math.nan) / plain_ms
         row["over_funcnet"] = (row.get("step_ms", math.nan)
@@ -639,13 +662,6 @@ def run_config(config, names: Sequence[str], statuses, threads: int, repeats: in
                          if "step_ms" in row else "")
         if "first_call_s" in row and "step_ms" in row and "compile_s" not in row:
             row["compile_s"] = max(0.0, row["first_call_s"] - row["step_ms"] / 1e3)
-    summary = {"config": config._asdict(), "label": config.label, "kind": config.kind,
-               "jobs": list(jobs), "n_params": config.n_params(),
-               "max_norm": max_norm,
-               "clipped_fraction": clipped_fraction,
-               "per_example_grads_mib": mib(4.0 * config.batch * config.n_params()),
-               "checks": checks}
-    return list(rows.values()), summary
 
 
 def _with_progress(calls: Dict[str, Callable[[], Any]], rounds: int):

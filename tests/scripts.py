@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -22,3 +23,21 @@ def load_script(folder: Path, name: str):
         return module
     finally:
         sys.path.remove(str(folder))
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def experiment(name: str):
+    """``experiments/name.py`` as a fresh module."""
+    return load_script(EXPERIMENTS, name)
+
+
+def experiment_outputs(folder: Path, *pngs: str):
+    """An experiment's ``results.json`` from ``folder``, after checking that every PNG
+    named is one and that no half-written (``.tmp``) file is left."""
+    results = json.loads((folder / "results.json").read_text())
+    for png in pngs:
+        assert (folder / png).read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no half-written files
+    return results

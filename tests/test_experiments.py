@@ -1,27 +1,14 @@
 """Smoke runs of every experiment at toy size: they run, write JSON and PNG, and their
 numbers say what the experiment claims."""
 
-import json
 import math
 
 import pytest
 
-from scripts import EXPERIMENTS, load_script  # noqa: E402
+from scripts import PNG_MAGIC, experiment, experiment_outputs  # noqa: E402
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.standard_promotion  # the experiments drive optax
-
-
-def _load(name):
-    return load_script(EXPERIMENTS, name)
-
-
-def _outputs(folder, png):
-    results = json.loads((folder / "results.json").read_text())
-    assert (folder / png).read_bytes()[:8] == PNG_MAGIC
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no half-written files
-    return results
 
 
 @pytest.mark.parametrize("name", ["digits", "breast_cancer", "diabetes", "gradient_flow",
@@ -29,15 +16,15 @@ def _outputs(folder, png):
                                   "sequence"])
 def test_help(name, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _load(name).main(["--help"])
+        experiment(name).main(["--help"])
     assert exit_.value.code == 0
     assert "--seed" in capsys.readouterr().out
 
 
 def test_digits_smoke(tmp_path):
-    rows = _load("digits").main(["--results", str(tmp_path), "--scale", "0.05",
+    rows = experiment("digits").main(["--results", str(tmp_path), "--scale", "0.05",
                                  "--hidden", "32", "--no-progress"])
-    results = _outputs(tmp_path, "loss.png")
+    results = experiment_outputs(tmp_path, "loss.png")
     names = [row["method"] for row in results["rows"]]
     assert names[:4] == ["funcnet full-batch GD", "funcnet SGD (batch 1)",
                          "funcnet mini-batch SGD", "funcnet Adam"]
@@ -49,16 +36,16 @@ def test_digits_smoke(tmp_path):
 
 
 def test_breast_cancer_smoke(tmp_path):
-    summary = _load("breast_cancer").main(["--results", str(tmp_path), "--epochs", "3",
+    summary = experiment("breast_cancer").main(["--results", str(tmp_path), "--epochs", "3",
                                            "--no-progress"])
-    results = _outputs(tmp_path, "curves.png")
+    results = experiment_outputs(tmp_path, "curves.png")
     assert len(results["epochs"]) == 3
     assert summary["test_accuracy"] > 0.85
 
 
 def test_diabetes_gradient_descent_reaches_lstsq_to_1e_6(tmp_path):
-    summary = _load("diabetes").main(["--results", str(tmp_path), "--no-progress"])
-    results = _outputs(tmp_path, "convergence.png")
+    summary = experiment("diabetes").main(["--results", str(tmp_path), "--no-progress"])
+    results = experiment_outputs(tmp_path, "convergence.png")
     assert summary["max_abs_diff_w"] <= 1e-6 and summary["max_abs_diff_b"] <= 1e-6
     assert results["summary"]["matches_lstsq_to_1e-6"] is True
     distances = [gap for _, gap in results["distance"]]
@@ -66,9 +53,9 @@ def test_diabetes_gradient_descent_reaches_lstsq_to_1e_6(tmp_path):
 
 
 def test_gradient_flow_shows_vanishing_sigmoid_gradients(tmp_path):
-    runs = _load("gradient_flow").main(["--results", str(tmp_path), "--epochs", "1",
+    runs = experiment("gradient_flow").main(["--results", str(tmp_path), "--epochs", "1",
                                         "--width", "16", "--no-progress"])
-    _outputs(tmp_path, "gradient_flow.png")
+    experiment_outputs(tmp_path, "gradient_flow.png")
     sigmoid, tanh = runs["sigmoid"], runs["tanh"]
     assert len(sigmoid["p_norms"][0]) == 13  # 12 hidden dense layers and the output layer
     assert len(sigmoid["q_norms"][0]) == 26  # z_1 .. z_{L+1}, L = 25
@@ -79,9 +66,9 @@ def test_gradient_flow_shows_vanishing_sigmoid_gradients(tmp_path):
 def test_private_digits_smoke(tmp_path):
     # one private setting and no clipping-only row: every noise multiplier compiles its
     # own DP-SGD step (~6 s each here); the next test covers several privacy levels
-    runs = _load("private_digits").main(["--results", str(tmp_path), "--quick", "--epsilons",
+    runs = experiment("private_digits").main(["--results", str(tmp_path), "--quick", "--epsilons",
                                          "2", "--no-clip-only", "--no-progress"])
-    results = _outputs(tmp_path, "accuracy_vs_epsilon.png")
+    results = experiment_outputs(tmp_path, "accuracy_vs_epsilon.png")
     assert (tmp_path / "accuracy_vs_epoch.png").read_bytes()[:8] == PNG_MAGIC
     assert [run["setting"] for run in runs] == [row["setting"] for row in results["rows"]]
     baseline, private = results["runs"]
@@ -102,7 +89,7 @@ def test_private_digits_smoke(tmp_path):
 def test_private_digits_calibration_spends_more_epsilon_with_less_noise():
     import funcnet as fnet
 
-    module = _load("private_digits")
+    module = experiment("private_digits")
     rate, steps = 256 / 1347, 3 * 5  # the quick run's sampling rate and steps
     sigmas = [module.calibrate(eps, 1.0, 1e-5, rate, steps) for eps in (0.5, 2.0, 8.0)]
     assert sigmas[0] > sigmas[1] > sigmas[2] > 0  # less noise, more epsilon
@@ -114,8 +101,8 @@ def test_private_digits_calibration_spends_more_epsilon_with_less_noise():
 
 
 def test_gradient_noise_snr_is_finite_positive_and_falls(tmp_path):
-    run = _load("gradient_noise").main(["--results", str(tmp_path), "--quick", "--no-progress"])
-    results = _outputs(tmp_path, "gradient_noise.png")
+    run = experiment("gradient_noise").main(["--results", str(tmp_path), "--quick", "--no-progress"])
+    results = experiment_outputs(tmp_path, "gradient_noise.png")
     assert results["layers"] == run["layers"] == ["dense 1", "dense 2", "dense 3"]
     assert results["probe_size"] == results["n_train"]  # statistics over the whole training set
     snapshots = results["snapshots"]
@@ -133,8 +120,8 @@ def test_gradient_noise_snr_is_finite_positive_and_falls(tmp_path):
 
 
 def test_cnn_digits_smoke(tmp_path):
-    run = _load("cnn_digits").main(["--results", str(tmp_path), "--quick", "--no-progress"])
-    results = _outputs(tmp_path, "curves.png")
+    run = experiment("cnn_digits").main(["--results", str(tmp_path), "--quick", "--no-progress"])
+    results = experiment_outputs(tmp_path, "curves.png")
     assert results["seeds"] == [0] and results["epochs"] == 2
     assert set(results["runs"]) == {"CNN", "MLP"}
     cnn, mlp = results["runs"]["CNN"][0], results["runs"]["MLP"][0]
@@ -154,8 +141,8 @@ def test_cnn_digits_smoke(tmp_path):
 
 
 def test_sequence_smoke(tmp_path):
-    summary = _load("sequence").main(["--results", str(tmp_path), "--quick", "--no-progress"])
-    results = _outputs(tmp_path, "learning_curve.png")
+    summary = experiment("sequence").main(["--results", str(tmp_path), "--quick", "--no-progress"])
+    results = experiment_outputs(tmp_path, "learning_curve.png")
     assert results["task"] == "sort" and results["summary"] == summary
     steps = results["epochs"] * (results["train_size"] // results["batch_size"])
     assert summary["steps"] == steps and len(results["step_loss"]) == steps
@@ -178,7 +165,7 @@ def test_sequence_task_and_loss():
 
     import funcnet as fnet
 
-    module = _load("sequence")
+    module = experiment("sequence")
     x_train, y_train, x_test, y_test = module.make_data(0, "sort", 4, 3, 50, 20)
     assert x_train.shape == (50, 8) and y_train.shape == (50, 4) and x_test.shape == (20, 8)
     prompts = x_train[:, :4]
@@ -204,7 +191,7 @@ def test_sequence_task_and_loss():
 def test_sequence_greedy_decoding_feeds_back_its_own_tokens():
     import numpy as np
 
-    module = _load("sequence")
+    module = experiment("sequence")
     n, vocab = 4, 3
     x, y, _, _ = module.make_data(1, "sort", n, vocab, 30, 1)
 

@@ -2,31 +2,16 @@
 run, write JSON and PNG, and their numbers say what the experiments claim. No timing is
 asserted (the machine is shared); FLOPs and bytes are deterministic."""
 
-import json
 
 import pytest
 
-from scripts import EXPERIMENTS, load_script  # noqa: E402
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _load(name):
-    return load_script(EXPERIMENTS, name)
-
-
-def _outputs(folder, *pngs):
-    results = json.loads((folder / "results.json").read_text())
-    for png in pngs:
-        assert (folder / png).read_bytes()[:8] == PNG_MAGIC
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no half-written files
-    return results
+from scripts import experiment, experiment_outputs  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["jacobian_accumulation", "memory"])
 def test_help(name, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _load(name).main(["--help"])
+        experiment(name).main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--seed" in out and "--quick" in out and "--no-progress" in out
@@ -35,9 +20,9 @@ def test_help(name, capsys):
 @pytest.fixture(scope="module")
 def accumulation(tmp_path_factory):
     folder = tmp_path_factory.mktemp("jacobian_accumulation")
-    rows = _load("jacobian_accumulation").main(["--results", str(folder), "--quick",
+    rows = experiment("jacobian_accumulation").main(["--results", str(folder), "--quick",
                                                 "--no-progress"])
-    return rows, _outputs(folder, "time_vs_flops.png", "time_per_shape.png")
+    return rows, experiment_outputs(folder, "time_vs_flops.png", "time_per_shape.png")
 
 
 def test_jacobian_accumulation_writes_every_shape_and_mode(accumulation):
@@ -84,8 +69,8 @@ def test_every_mode_matches_jax_jacfwd_in_float32(accumulation):
 @pytest.fixture(scope="module")
 def memory(tmp_path_factory):
     folder = tmp_path_factory.mktemp("memory")
-    rows = _load("memory").main(["--results", str(folder), "--quick", "--no-progress"])
-    return rows, _outputs(folder, "memory_vs_width.png", "memory_vs_depth.png")
+    rows = experiment("memory").main(["--results", str(folder), "--quick", "--no-progress"])
+    return rows, experiment_outputs(folder, "memory_vs_width.png", "memory_vs_depth.png")
 
 
 def test_memory_count_matches_layer_jacobians(memory):

@@ -2,35 +2,21 @@
 checks of the pieces they are built from: the GGN diagonal summed over batches, the
 calibration metrics, and the Kronecker-factored preconditioner."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 
-from scripts import EXPERIMENTS, load_script  # noqa: E402
+from scripts import experiment, experiment_outputs  # noqa: E402
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.standard_promotion  # the experiments drive optax
-
-
-def _load(name):
-    return load_script(EXPERIMENTS, name)
-
-
-def _outputs(folder, *pngs):
-    results = json.loads((folder / "results.json").read_text())
-    for png in pngs:
-        assert (folder / png).read_bytes()[:8] == PNG_MAGIC
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no half-written files
-    return results
 
 
 @pytest.mark.parametrize("name", ["laplace", "kfac"])
 def test_help(name, capsys):
     with pytest.raises(SystemExit) as exit_:
-        _load(name).main(["--help"])
+        experiment(name).main(["--help"])
     assert exit_.value.code == 0
     assert "--seed" in capsys.readouterr().out
 
@@ -38,8 +24,8 @@ def test_help(name, capsys):
 # --- laplace.py -------------------------------------------------------------------------------
 
 def test_laplace_smoke(tmp_path):
-    summary = _load("laplace").main(["--results", str(tmp_path), "--quick", "--no-progress"])
-    results = _outputs(tmp_path, "reliability.png", "tuning.png")
+    summary = experiment("laplace").main(["--results", str(tmp_path), "--quick", "--no-progress"])
+    results = experiment_outputs(tmp_path, "reliability.png", "tuning.png")
     methods = ["MAP", "Laplace (GLM)", "Laplace (sampling)", "last-layer Laplace",
                "MAP + temperature"]
     assert results["seeds"] == [0] and results["train_prior_precisions"] == [0.01]
@@ -84,7 +70,7 @@ def test_laplace_ggn_sum_is_the_sum_over_examples_for_any_batch_size():
 
     import funcnet as fnet
 
-    module = _load("laplace")
+    module = experiment("laplace")
     net = fnet.chain(fnet.dense(5), fnet.tanh, fnet.dense(3))
     params, _ = net.init(jax.random.key(0), (4,))
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
@@ -107,7 +93,7 @@ def test_laplace_ggn_sum_is_the_sum_over_examples_for_any_batch_size():
 
 
 def test_laplace_calibration_metrics():
-    module = _load("laplace")
+    module = experiment("laplace")
     y = np.array([0, 0, 0, 0, 1])
     # confidence 0.8 everywhere and 4 of 5 right: perfectly calibrated
     probs = np.array([[0.8, 0.2]] * 5)
@@ -126,9 +112,9 @@ def test_laplace_calibration_metrics():
 # --- kfac.py ---------------------------------------------------------------------------------
 
 def test_kfac_smoke(tmp_path):
-    summary = _load("kfac").main(["--results", str(tmp_path), "--quick", "--datasets", "digits",
+    summary = experiment("kfac").main(["--results", str(tmp_path), "--quick", "--datasets", "digits",
                                   "--no-progress"])
-    results = _outputs(tmp_path, "loss.png")
+    results = experiment_outputs(tmp_path, "loss.png")
     assert list(results["datasets"]) == ["digits"] and results["steps"] == 30
     digits = results["datasets"]["digits"]
     assert set(digits["runs"]) == {"Adam", "K-FAC (kflr)", "K-FAC (kfac)"}
@@ -151,7 +137,7 @@ def test_kfac_smoke(tmp_path):
 
 
 def test_kfac_reaching_means_staying_below():
-    module = _load("kfac")
+    module = experiment("kfac")
     curve = [{"step": s, "seconds": s / 10, "train_loss": v}
              for s, v in zip(range(0, 50, 10), [1.0, 0.1, 0.5, 0.2, 0.1])]
     assert module.first_reaching(curve, 0.2)["step"] == 30  # the dip at step 10 climbs back
@@ -168,7 +154,7 @@ def test_kfac_preconditioner_is_the_damped_kronecker_solve():
 
     import funcnet as fnet
 
-    module = _load("kfac")
+    module = experiment("kfac")
     net = fnet.chain(fnet.dense(3), fnet.tanh, fnet.dense(2))
     params, _ = net.init(jax.random.key(0), (4,))
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
