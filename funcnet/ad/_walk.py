@@ -25,9 +25,11 @@ decides what the forward pass keeps; what it does not keep is a :class:`Deferred
 (only its inputs kept) that is recorded again when the walk reaches it, tied to the
 incoming q so that XLA can neither merge nor hoist the recomputation
 (``funcnet.ad._policies``). Extensions see every leaf on the way down
-(``funcnet.ad.extensions``). The walk knows the three ways layers compose (in sequence,
-with a skip, repeated) and nothing about leaf layers: what a leaf needs inside a repeat,
-and any faster rule, the layer says itself.
+(``funcnet.ad.extensions``); for the curvature extensions the walk carries square-root
+factors of the loss Hessian beside q (a :class:`~funcnet.ad._factors.Flow`), every column
+pulled back by the same pullback. The walk knows the three ways layers compose (in
+sequence, with a skip, repeated) and nothing about leaf layers: what a leaf needs inside a
+repeat, and any faster rule, the layer says itself.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ class Down(NamedTuple):
     factors), and ``extensions``, one pytree like its params per extension."""
 
     grads: Any
-    q: jax.Array
+    q: Flow
     extensions: Tuple[Any, ...]
 
 
