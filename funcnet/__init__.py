@@ -23,7 +23,8 @@ from funcnet.nn import (Chain, Dense, Layer, Repeat, Residual, Summary, avg_pool
                         sigmoid, softplus, summary, tanh)
 from funcnet.train import (DPSGD, FitResult, History, TrainingError, TrainState, accuracy,
                            data_parallel_mesh, dp_sgd, evaluate, fit, init_train_state,
-                           privacy_spent, shard_batch, train_step)
+                           model_parallel_mesh, param_shardings, privacy_spent, shard_batch,
+                           state_shardings, train_step)
 
 __version__ = "0.1.0"
 
@@ -38,8 +39,8 @@ __all__ = [
     "GradientCheckError", "hessian_sqrt", "History", "hvp", "identity", "init_train_state", "jacobian",
     "jacobian_plan", "JacobianPlan", "jvp", "Layer", "layer", "layer_jacobians",
     "layer_norm", "LayerCheck", "LayerError", "leaky_relu", "losses", "max_pool",
-    "per_example_grad_norms", "per_example_grads", "privacy_spent", "relu", "repeat",
+    "model_parallel_mesh", "param_shardings", "per_example_grad_norms", "per_example_grads", "privacy_spent", "relu", "repeat",
     "reshape", "residual", "sampled_hessian_sqrt", "self_attention", "shard_batch", "sigmoid", "softplus",
-    "Summary", "summary", "tanh", "train_step", "TrainingError", "TrainState",
+    "state_shardings", "Summary", "summary", "tanh", "train_step", "TrainingError", "TrainState",
     "value_and_grad", "vjp",
 ]

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from funcnet._processes import host_copy, is_writer, several
 from funcnet.atomic import atomic_write, temporary_files
 
 __all__ = ["Checkpoint", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "info", "load",
@@ -139,6 +140,13 @@ def save(path: PathLike, tree: Any, *, step: Optional[int] = None,
       step: the training step, stored as a Python int.
       metadata: a JSON-serialisable dict (it comes back through JSON: tuples as lists).
 
+    Several processes (``jax.distributed``): every process calls save with the same
+    arguments, as it calls a collective; leaves split across processes are gathered,
+    process 0 alone writes the file (never two writers on one path), and save returns on
+    every process once the file is whole on disk (or raises on every process when it
+    could not be written). :func:`load` then reads it on every process, from a file
+    system they share.
+
     Raises:
       CheckpointError: an unsupported leaf (named by its key path), a traced value (save
         cannot run inside ``jax.jit``), a bad step or metadata, a missing directory, or
@@ -146,6 +154,36 @@ def save(path: PathLike, tree: Any, *, step: Optional[int] = None,
         reason and what to do; the previous file at ``path`` is then unchanged).
     """
     path = Path(os.fspath(path))
+    if several():
+        return _save_from_every_process(path, tree, step, metadata)
+    return _write(path, tree, step, metadata)
+
+
+def _save_from_every_process(path: Path, tree: Any, step, metadata) -> Path:
+    """:func:`save` in a run of several processes: gather what is split across
+    processes, process 0 writes, and every process learns whether it did (a broadcast
+    from process 0, so no process returns before the file is whole on disk)."""
+    from jax.experimental import multihost_utils
+
+    tree = host_copy(tree)
+    failure = None
+    if is_writer():
+        try:
+            _write(path, tree, step, metadata)
+        except CheckpointError as error:
+            failure = error
+    written = bool(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
+    if failure is not None:
+        raise failure
+    if not written:
+        raise CheckpointError(path, "could not be written by process 0, which alone writes "
+                                    "it in a run of several processes (its own error says "
+                                    "why); the previous file there is unchanged.")
+    return path
+
+
+def _write(path: Path, tree: Any, step, metadata) -> Path:
+    """:func:`save` by this process alone."""
     step = _check_step(path, step)
     metadata = _check_metadata(path, metadata)
     directory = path.parent
@@ -286,8 +324,7 @@ def _to_numpy(path: Path, where: str, get) -> np.ndarray:
         array = np.asarray(get())
     except Exception as e:
         raise CheckpointError(path, f"leaf {where} cannot be copied to host memory "
-                                    f"({type(e).__name__}: {e}). funcnet checkpoints are "
-                                    f"single-process; gather sharded arrays first.") from None
+                                    f"({type(e).__name__}: {e}).") from None
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     return np.asarray(array, order="C")  # (np.ascontiguousarray would make 0-d 1-d)

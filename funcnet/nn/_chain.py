@@ -107,6 +107,11 @@ class Chain(Layer):
         """The sum of its layers'."""
         return sum(item.flops(shape) for _, item, shape in self.sublayers(in_shape))
 
+    def model_axes(self, params):
+        """Each layer's, in order."""
+        return tuple(item.model_axes(item_params)
+                     for item, item_params in zip(self.layers, params))
+
     def sublayers(self, in_shape):
         shape, held = tuple(in_shape), []
         for index, item in enumerate(self.layers):

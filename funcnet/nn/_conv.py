@@ -192,6 +192,10 @@ class Conv(Layer):
         params = {"w": w, "b": jnp.zeros((self.features,))} if self.bias else {"w": w}
         return params, geo.out + (self.features,)
 
+    def model_axes(self, params):
+        """The output features (w's and b's last axis): column blocks per device."""
+        return {name: -1 for name in params}
+
     def apply(self, params, z):
         geo = self.geometry(z.shape[1:])
         dtype = jnp.result_type(z, params["w"])

@@ -193,6 +193,10 @@ class Dense(Layer):
         params = {"w": w, "b": jnp.zeros((self.out_features,))} if self.bias else {"w": w}
         return params, in_shape[:-1] + (self.out_features,)
 
+    def model_axes(self, params):
+        """The output features (w's and b's last axis): column blocks per device."""
+        return {name: -1 for name in params}
+
     def apply(self, params, z):
         out = z @ params["w"]
         if not self.bias:

@@ -73,7 +73,8 @@ class Layer:
     - :meth:`sublayers` -- the layers a container holds (summaries);
     - ``stochastic`` -- whether ``apply`` takes ``key=`` (see :func:`apply_with_key`);
     - :meth:`check_input_values` -- checks of a concrete input's values (indices in range);
-    - ``curvature`` -- ``"linear"``, ``"elementwise"`` or None (``diag_hessian``).
+    - ``curvature`` -- ``"linear"``, ``"elementwise"`` or None (``diag_hessian``);
+    - :meth:`model_axes` -- which parameter axes a model-parallel mesh splits.
 
     Example:
       >>> import jax, jax.numpy as jnp, funcnet as fnet
@@ -188,6 +189,15 @@ class Layer:
         layers without it get None from ``kflr`` and ``kfac``.
         """
         return dict(self.rules).get(quantity)
+
+    def model_axes(self, params: Params):
+        """Which axis of each params leaf a mesh's ``"model"`` axis may split
+        (:func:`funcnet.param_shardings`): a tree that is a prefix of ``params`` whose
+        leaves are a (negative) axis index or None (not split); None for the whole tree
+        by default. Dense and conv name their output-feature axis, containers ask the
+        layers they hold. Only memory and communication depend on it, never the numbers.
+        """
+        return None
 
     def sublayers(self, in_shape: Shape) -> Tuple[Tuple[Any, "Layer", Shape], ...]:
         """``((label, layer, its in_shape), ...)``: the layers a container holds (none for

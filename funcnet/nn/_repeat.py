@@ -100,6 +100,11 @@ class Repeat(Layer):
         """n times its layer's."""
         return self.n * self.layer.flops(in_shape)
 
+    def model_axes(self, params):
+        """The repeated layer's (its axes count from the end, so the stacking axis in front
+        of every leaf is never split)."""
+        return self.layer.model_axes(params)
+
     def sublayers(self, in_shape):
         return (("each", self.layer, tuple(in_shape)),)
 

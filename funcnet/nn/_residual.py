@@ -56,6 +56,10 @@ class Residual(Layer):
         """The inner layer's, plus one add per entry."""
         return self.inner.flops(in_shape) + math.prod(in_shape)
 
+    def model_axes(self, params):
+        """The inner layer's."""
+        return self.inner.model_axes(params)
+
     def sublayers(self, in_shape):
         return ((0, self.inner, tuple(in_shape)),)
 

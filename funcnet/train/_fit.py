@@ -25,15 +25,17 @@ from jax.sharding import Mesh
 from funcnet import checkpoint as _checkpoint
 from funcnet._caches import bounded_cache
 from funcnet._errors import ArgumentError
+from funcnet._processes import check_same_everywhere, digest, host_copy, several
 from funcnet.ad._reverse import Loss
 from funcnet.nn._layer import Layer
 from funcnet.train._metrics import measure
 from funcnet.train._fingerprint import differences, fingerprint
 from funcnet.train._fit_checks import check_fit
-from funcnet.train._parallel import replicated, shard_batch
+from funcnet.train._parallel import global_batch
 from funcnet.train._privacy import (DPSGD, chunk_size, noise_std, poisson_masks,
                                     poisson_sample, private_step, privacy_spent,
                                     zeros_like_tree)
+from funcnet.train._sharding import state_shardings
 from funcnet.train._state import TrainState, init_train_state, owned_copy
 from funcnet.train._step import step_fn, train_step
 
@@ -174,8 +176,16 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
         ``True`` insists on one (an error without tqdm); ``False``: no bar.
       mesh: train data-parallel over this device mesh (:func:`funcnet.data_parallel_mesh`):
         state replicated, each mini-batch split over the devices (batch_size must be a
-        multiple of the device count). The batches and the result are those of the
-        single-device run, up to floating-point reassociation of the batch mean.
+        multiple of the device count). On a mesh with a "model" axis
+        (:func:`funcnet.model_parallel_mesh`) each mini-batch is split over the first axis
+        and the weights of dense and conv layers, with their optimizer moments, over
+        "model" (:func:`funcnet.param_shardings`). The batches and the result are those
+        of the single-device run, up to floating-point reassociation. In a run of
+        several processes (``jax.distributed``) a mesh over every process's devices is
+        required, and every process calls fit with the same arguments, the same full
+        (x, y) included (checked before the first step): each process's devices take
+        their rows of every global batch, process 0 alone writes the checkpoint, every
+        process resumes from it, and every process ends with the same state.
       checkpoint_path: save the state (params, optimizer state, step, shuffling key and
         epoch) there atomically after every epoch (:mod:`funcnet.checkpoint`), with a
         fingerprint of the run's settings (examples, batch size, key, optimizer, last
@@ -227,6 +237,9 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                       last_epoch=last_epoch, privacy=privacy)
     # the state fit owns: a copy, so that donating it never consumes the caller's arrays
     state = init_train_state(params, optimizer) if state is None else owned_copy(state)
+    if several():
+        _check_same_run(state, x, y, run, (first_epoch, epochs, remat, plan.steps_per_call),
+                        checkpoint_path)
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         state, key, first_epoch = _resume(checkpoint_path, state, key, run, last_epoch)
     epochs = max(0, last_epoch - first_epoch + 1)
@@ -243,12 +256,13 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                 state, x, y, batches, start, dropout_key)
     else:
         x, y = np.asarray(x), jax.tree.map(np.asarray, y)
-        state = jax.device_put(state, replicated(mesh))
+        state = jax.device_put(state, state_shardings(net, state, mesh))
         sharded_step = train_step(net, loss, optimizer, mesh, remat)
 
         def step(state, batches, start, count):
             indices = batches[start]  # count is 1: steps_per_call > 1 is refused with a mesh
-            batch_x, batch_y = shard_batch(mesh, (x[indices], jax.tree.map(lambda t: t[indices], y)))
+            batch_x, batch_y = global_batch(mesh, (x[indices],
+                                                   jax.tree.map(lambda t: t[indices], y)))
             return sharded_step(state, batch_x, batch_y, step_key(dropout_key, state.step))
     # how often losses come back to the host (a device sync): about 20 times an epoch,
     # but never more often than every 50 steps, so small steps are not held up by it
@@ -298,7 +312,7 @@ def fit(net: Layer, loss: Loss, optimizer: optax.GradientTransformation, params,
                 row["epsilon"] = privacy_spent(privacy, batch_size / n, done)
                 row["delta"] = privacy.delta
             if eval_data is not None:
-                metrics = measure(net, loss, jax.device_get(state.params) if mesh else state.params,
+                metrics = measure(net, loss, host_copy(state.params) if mesh else state.params,
                                   *eval_data)  # (eval_data was checked before the first step)
                 row.update({f"eval_{name}": value for name, value in metrics.items()})
             epoch_rows.append(row)
@@ -422,6 +436,31 @@ def _resume(path, state: TrainState, key, run: Dict[str, Any], last_epoch: int):
     restored = _checkpoint.load(path, template)
     return (restored.tree["state"], restored.tree["key"],
             int(restored.metadata["epoch"]) + 1)
+
+
+def _check_same_run(state: TrainState, x, y, run: Dict[str, Any], settings: Tuple,
+                    checkpoint_path: Optional[str]) -> None:
+    """In a run of several processes: refuses to start unless every process was given the
+    same starting state, data, settings and checkpoint (digests compared across the
+    processes), since each process computes only its share of every step."""
+    found = None
+    if checkpoint_path is not None and os.path.exists(checkpoint_path):
+        found = _checkpoint.info(checkpoint_path)
+    check_same_everywhere(
+        {"params and optimizer state": digest(*jax.tree.leaves(host_copy(state))),
+         "x": digest(np.asarray(x)),
+         "y": digest(*[np.asarray(leaf) for leaf in jax.tree.leaves(y)]),
+         "settings": digest(run, settings),
+         "checkpoint": digest(checkpoint_path, found)},
+        {"params and optimizer state": "initialise them from the same key on every process "
+                                       "(or pass the same state)",
+         "x": "pass every process the same full training set (each computes its share of "
+              "every batch)",
+         "y": "pass every process the same full training set",
+         "settings": "pass the same key, batch_size, epochs, first_epoch, optimizer and "
+                     "the other settings on every process",
+         "checkpoint": "checkpoint_path must name the same file on a file system every "
+                       "process sees (process 0 writes it, every process reads it)"})
 
 
 def _check_finite(values: np.ndarray, done: int, last_finite, verified: _Verified):

@@ -73,6 +73,7 @@ def check_fit(net, loss, optimizer, params, x, y, *, key, epochs, batch_size, ev
                                            "one device: leave mesh=None and steps_per_call=1.")
     if mesh is not None:
         check_divisible(mesh, batch_size)
+    _check_processes(mesh)
     params = _check_state(net, optimizer, params, state, x)
     out_shape = net.check(params, jnp.shape(x)[1:])
     check_targets(output_struct(params, x, out_shape), y, loss)
@@ -102,6 +103,24 @@ def _check_batch_of_targets(argument: str, y, n: int, inputs: str) -> None:
                 argument, f"has shape {shape_str(jnp.shape(leaf))}, but {inputs} holds {n} "
                           f"examples: pass one target per example, {n} along the leading "
                           f"axis (nothing is truncated or repeated).")
+
+
+def _check_processes(mesh) -> None:
+    """In a run of several processes fit needs a mesh with devices of every process."""
+    processes = jax.process_count()
+    if processes == 1:
+        return
+    if mesh is None:
+        raise ArgumentError("mesh", f"this run has {processes} processes (jax.distributed), "
+                                    f"so fit needs a mesh over all their devices: pass "
+                                    f"mesh=fnet.data_parallel_mesh(); without one every "
+                                    f"process would train alone.")
+    present = {device.process_index for device in mesh.devices.flat}
+    absent = sorted(set(range(processes)) - present)
+    if absent:
+        raise ArgumentError("mesh", f"holds no device of process(es) {absent} of this run's "
+                                    f"{processes}; build it over jax.devices() (every "
+                                    f"process's devices), e.g. fnet.data_parallel_mesh().")
 
 
 def _check_steps_per_call(steps_per_call, steps_per_epoch: int, mesh) -> int:

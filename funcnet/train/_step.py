@@ -24,6 +24,7 @@ from funcnet.ad._reverse import Loss, value_and_grad
 from funcnet.nn._layer import Layer
 from funcnet.train._parallel import batch_sharded, replicated
 from funcnet.train._privacy import DPSGD, check_privacy, private_train_step
+from funcnet.train._sharding import constrain_state, splits_params
 from funcnet.train._state import TrainState, check_not_donated, check_optimizer
 
 
@@ -37,7 +38,10 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
     :class:`funcnet.ArgumentError` naming ``state``. With a ``mesh`` (see
     :func:`funcnet.data_parallel_mesh`) the step is data-parallel: state replicated, x and
     y split along the batch over the mesh's devices (place them with
-    :func:`funcnet.shard_batch`). ``remat`` is the backward pass's memory policy
+    :func:`funcnet.shard_batch`). On a mesh with a ``"model"`` axis
+    (:func:`funcnet.model_parallel_mesh`) the state is sharded as
+    :func:`funcnet.param_shardings` says (place it with ``jax.device_put(state,
+    fnet.state_shardings(net, state, mesh))``, or the first step moves it). ``remat`` is the backward pass's memory policy
     ("keep", "sqrt" or "recompute"; see :func:`funcnet.value_and_grad`). ``key`` reaches
     the net's stochastic layers (dropout): required when it holds one (a
     :class:`~funcnet.LayerError` names the layer), and a new one every step. Example::
@@ -88,9 +92,16 @@ def _compiled_train_step(net, loss, optimizer, mesh, remat):
     step = step_fn(net, loss, optimizer, remat)
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
-    state, batch = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(state, batch, batch, state),
-                   out_shardings=(state, state), donate_argnums=0)
+    batch, everywhere = batch_sharded(mesh), replicated(mesh)
+    if splits_params(mesh):  # params split over "model": the shardings follow the shapes
+        def sharded_step(state, x, y, key=None):
+            state, value = step(constrain_state(net, state, mesh), x, y, key)
+            return constrain_state(net, state, mesh), value
+
+        return jax.jit(sharded_step, in_shardings=(None, batch, batch, everywhere),
+                       out_shardings=(None, everywhere), donate_argnums=0)
+    return jax.jit(step, in_shardings=(everywhere, batch, batch, everywhere),
+                   out_shardings=(everywhere, everywhere), donate_argnums=0)
 
 
 def step_fn(net, loss, optimizer, remat="keep"):
