@@ -14,6 +14,7 @@ from typing import Dict, Iterable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from funcnet._errors import ArgumentError
 
@@ -43,8 +44,6 @@ def host_copy(tree):
             return leaf
         if leaf.is_fully_addressable or leaf.is_fully_replicated:
             return np.asarray(leaf)
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
     return jax.tree.map(copy, tree)
@@ -70,8 +69,6 @@ def check_same_everywhere(parts: Dict[str, np.ndarray], fixes: Dict[str, str]) -
     process 0 and ``fixes[name]``. A collective: every process calls it with the same
     names."""
     names = sorted(parts)
-    from jax.experimental import multihost_utils
-
     table = np.asarray(multihost_utils.process_allgather(np.stack([parts[n] for n in names])))
     problems = []
     for row, name in enumerate(names):

@@ -67,6 +67,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from funcnet._processes import host_copy, is_writer, several
 from funcnet.atomic import atomic_write, temporary_files
@@ -163,8 +164,6 @@ def _save_from_every_process(path: Path, tree: Any, step, metadata) -> Path:
     """:func:`save` in a run of several processes: gather what is split across
     processes, process 0 writes, and every process learns whether it did (a broadcast
     from process 0, so no process returns before the file is whole on disk)."""
-    from jax.experimental import multihost_utils
-
     tree = host_copy(tree)
     failure = None
     if is_writer():

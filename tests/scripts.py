@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,3 +42,16 @@ def experiment_outputs(folder: Path, *pngs: str):
         assert (folder / png).read_bytes()[:8] == PNG_MAGIC
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no half-written files
     return results
+
+
+# Quicker XLA compiles for the benchmarks' smoke runs (about half the compile time of the
+# toy steps, which is most of those tests' time): they assert agreement and structure,
+# never timings.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def fast_compile_env():
+    """The environment of a benchmark's smoke run: this one, on the CPU, with
+    :data:`FAST_COMPILE` added to XLA_FLAGS."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}

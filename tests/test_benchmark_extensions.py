@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from scripts import BENCHMARKS, load_script  # noqa: E402
+from scripts import BENCHMARKS, fast_compile_env, load_script  # noqa: E402
 
 SCRIPT = BENCHMARKS / "extensions.py"
 FUNCNET_ROWS = {"fnet per_example_grad_norms", "fnet clipped_value_and_grad",
@@ -67,15 +67,6 @@ runpy.run_path(SCRIPT, run_name="__main__")
 """
 
 
-# Quicker XLA compiles for the smoke runs (about half the compile time of the toy steps, which
-# is most of these tests' time): they assert agreement and structure, never timings.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
-
 
 def _run(tmp_path, args, blocked=()):
     """The script at --quick size in a fresh process, ``blocked`` modules unimportable."""
@@ -83,7 +74,7 @@ def _run(tmp_path, args, blocked=()):
     done = subprocess.run(
         [sys.executable, "-c", code, "--quick", "--repeats", "2", "--warmup", "0",
          "--results", str(tmp_path), *args],
-        capture_output=True, text=True, timeout=300, env=_env())
+        capture_output=True, text=True, timeout=300, env=fast_compile_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "extensions.json").read_text())
     markdown = (tmp_path / "extensions.md").read_text()

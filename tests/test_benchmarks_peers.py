@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from scripts import BENCHMARKS, load_script  # noqa: E402
+from scripts import BENCHMARKS, fast_compile_env, load_script  # noqa: E402
 
 
 
@@ -74,15 +74,6 @@ def test_shuffled_times_blocks_and_order():
     assert all(len(times[n]) == 2 and not switches[n] for n in fns)
 
 
-# Quicker XLA compiles for the smoke runs (about half the compile time of the toy steps, which
-# is most of these tests' time): they assert agreement and structure, never timings.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
-
 
 def _run_peers(tmp_path, args, block_torch=False):
     """peers.py in a fresh process (float32: this suite's conftest turns float64 on)."""
@@ -91,7 +82,7 @@ def _run_peers(tmp_path, args, block_torch=False):
             f"runpy.run_path({str(BENCHMARKS / 'peers.py')!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code, *args, "--results", str(tmp_path)],
                           capture_output=True, text=True, timeout=300,
-                          env=_env())
+                          env=fast_compile_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Machine:" in done.stdout and "| library |" in done.stdout
     return _written(tmp_path, "peers")

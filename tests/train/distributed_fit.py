@@ -8,8 +8,9 @@ Runs, on a data-parallel mesh over every device: an uninterrupted 4-epoch fit wi
 checkpoint; the same run stopped by an exception after epoch 1's checkpoint and resumed
 by a second call; a fit on a mesh
 whose "model" axis spans both processes (weights split across processes, so checkpoints
-and evaluation gather them); and, with several processes, a fit whose x differs on
-process 1 (refused on every process). Process 0 counts the checkpoint files it writes,
+and evaluation gather them); and, with several processes, what must be refused on every
+process: x that differs on process 1, no mesh, a mesh of one process's devices, a
+checkpoint that process 0 cannot write. Process 0 counts the checkpoint files it writes,
 the others too (they must write none).
 """
 
@@ -82,12 +83,19 @@ def main(folder: Path) -> None:
     split_w = split.params[0]["w"]
     restored = checkpoint.load(folder / "split.npz", {"state": split.state,
                                                       "key": jax.random.key(2)}).tree
-    refused = None
+    refused = {}
     if jax.process_count() > 1:
-        try:
-            run(1, "refused.npz", x=x + jax.process_index())
-        except fnet.ArgumentError as error:
-            refused = str(error)
+        attempts = {"x": lambda: run(1, "refused.npz", x=x + jax.process_index()),
+                    "no mesh": lambda: run(1, "refused.npz", mesh=None),
+                    "local mesh": lambda: run(1, "refused.npz",
+                                              mesh=fnet.data_parallel_mesh(jax.local_devices())),
+                    "unwritable": lambda: checkpoint.save(folder / "missing" / "c.npz",
+                                                          {"w": np.ones(3)})}
+        for name, attempt in attempts.items():
+            try:
+                attempt()
+            except (fnet.ArgumentError, checkpoint.CheckpointError) as error:
+                refused[name] = str(error)
 
     index = jax.process_index()
     (folder / f"process_{index}.json").write_text(json.dumps({

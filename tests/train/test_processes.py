@@ -58,7 +58,7 @@ def test_two_processes_train_as_one_process_on_as_many_devices(tmp_path):
     _same_numbers_everywhere(runs)
     _split_weights_checkpointed_whole(runs)
     _one_writer_every_process_resumes_bit_identically(runs)
-    _different_data_refused_on_every_process(runs)
+    _refused_on_every_process(runs)
 
 
 def _same_numbers_everywhere(runs):
@@ -83,7 +83,8 @@ def _split_weights_checkpointed_whole(runs):
 
 def _one_writer_every_process_resumes_bit_identically(runs):
     first, second = runs["two"]
-    assert first["writes"] == ["full.npz"] * 4 + ["resumed.npz"] * 4 + ["split.npz"] * 2
+    # (c.npz: the attempt in a missing folder, which only process 0 made)
+    assert first["writes"] == ["full.npz"] * 4 + ["resumed.npz"] * 4 + ["split.npz"] * 2 + ["c.npz"]
     assert second["writes"] == []
     for process in runs["two"]:
         assert process["resumed_epochs"] == [2, 3]
@@ -94,10 +95,15 @@ def _one_writer_every_process_resumes_bit_identically(runs):
                          "process_1.json"}  # no temporary files, nothing refused written
 
 
-def _different_data_refused_on_every_process(runs):
-    for process in runs["two"]:
-        assert "x differs on process(es) [1] from process 0" in process["refused"]
-        assert "the same full training set" in process["refused"]
+def _refused_on_every_process(runs):
+    first, second = (process["refused"] for process in runs["two"])
+    for refused in (first, second):
+        assert "x differs on process(es) [1] from process 0" in refused["x"]
+        assert "the same full training set" in refused["x"]
+        assert "this run has 2 processes" in refused["no mesh"]
+        assert "holds no device of process(es) [" in refused["local mesh"]
+    assert "does not exist; create it first" in first["unwritable"]  # the writer's reason
+    assert "could not be written by process 0" in second["unwritable"]
 
 
 # ------------------------------------------------------------------------ the launcher
