@@ -64,6 +64,12 @@ PyTorch and BackPACK are the optional ``bench`` extra (``pip install -e '.[bench
 kfac-jax is tried by import (``pip install kfac-jax``); a peer that cannot be imported is
 reported as *absent* (its targets not met), one that fails while running as *error*.
 
+On a GPU (JAX's default backend) the same script runs the JAX contenders on the GPU, and
+PyTorch and BackPACK too when PyTorch sees CUDA (else on the CPU; ``benchmarks/peers.py``'s
+``torch_device``): model and batch moved there once, outside the timed calls, each call
+waiting for the GPU before the timer reads the clock; ``settings.torch_device`` in the
+JSON and the report say where PyTorch ran.
+
     python benchmarks/curvature.py --help
     python benchmarks/curvature.py --quick          # toy sizes, a few repeats (a smoke run)
     python benchmarks/curvature.py                  # the MLP and the CNN at batch 128
@@ -100,7 +106,8 @@ from _timing import (benchmark_parser, blocking, environment, max_rel_diff,  # n
 from extensions import (_compile, _failed, _to_numpy, add_statistics, time_contenders,  # noqa: E402
                         cross_entropy, library_status, make_problem, torch_batch)
 from peers import (CLASSES, CNN_CONFIG, QUICK_CNN_CONFIG, CNNConfig, Config,  # noqa: E402
-                   chw_to_hwc_rows, machine, machine_line)
+                   backend_label, chw_to_hwc_rows, machine, machine_line, torch_blocking,
+                   torch_device)
 
 NAME = "curvature"
 CHECK_TOL = 1e-3  # float32: a correctness check passes below this relative difference
@@ -348,8 +355,9 @@ def _extend_from_first_linear(model):
 
 
 def build_torch(name, problem):
-    """(call, outputs) of a PyTorch / BackPACK contender: call runs one forward and
-    backward, outputs() reads what the checks compare (numpy, PyTorch's layouts)."""
+    """(call, outputs) of a PyTorch / BackPACK contender on :func:`peers.torch_device`:
+    call runs one forward and backward, outputs() reads what the checks compare (numpy,
+    PyTorch's layouts)."""
     import torch
     import torch.nn.functional as F
 
@@ -406,7 +414,7 @@ def _numpy_outputs(value):
     if isinstance(value, (list, tuple)):
         return [_numpy_outputs(v) for v in value]
     if hasattr(value, "detach"):
-        return value.detach().numpy().copy()
+        return value.detach().cpu().numpy().copy()
     return value
 
 
@@ -476,6 +484,7 @@ def run_config(config, statuses, repeats: int, warmup: int, seed: int, direction
                 row["first_call_s"] = time.perf_counter() - start
             else:
                 call, read = build_torch(name, problem)
+                call = torch_blocking(call, torch_device())
                 start = time.perf_counter()
                 call()
                 row["first_call_s"] = time.perf_counter() - start
@@ -651,11 +660,13 @@ HEADERS = ["contender", "status", "ms (median)", "IQR ms", "min ms", "/ gradient
 def report(results) -> str:
     s = results["settings"]
     lines = ["# Curvature: funcnet's diag_ggn, kflr and hvp against the gradient, BackPACK, "
-             "a ggn_vp loop, jax.jvp(jax.grad) and kfac-jax (float32, CPU)", "",
+             "a ggn_vp loop, jax.jvp(jax.grad) and kfac-jax (float32, "
+             f"{backend_label(results['machine'])})", "",
              machine_line(results["machine"], results["load_average_end"]), "",
              f"Median over {s['repeats']} interleaved rounds after {s['warmup']} warm-up "
              f"rounds (every contender once per round, in a random order); torch threads "
-             f"{s['threads_torch']}. '/ gradient': over {FN_GRAD}. '/ its funcnet "
+             f"{s['threads_torch']}, torch device {s['torch_device'] or 'n/a (not run)'}. "
+             f"'/ gradient': over {FN_GRAD}. '/ its funcnet "
              f"counterpart': over the funcnet contender computing the same thing (diag(G): "
              f"{FN_DIAG}; Kronecker factors: {FN_KFLR}; H v: {FN_HVP}; plain: {FN_GRAD}); "
              f"> 1: funcnet is faster. 'paired': that ratio within each round, then the "
@@ -738,10 +749,12 @@ def main(argv=None):
     m = machine()
     threads = args.threads or m["usable_cores"] or 1
     statuses = statuses_of(("funcnet", "jax", "torch", "backpack", "kfac-jax"))
+    torch_on = None
     if statuses["torch"][0] == "ok":
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the CPU's threads: harmless when PyTorch runs on CUDA
+        torch_on = str(torch_device())
     print(machine_line(m, None), flush=True)
     print("libraries: " + ", ".join(f"{lib} ({status}: {detail})"
                                     for lib, (status, detail) in statuses.items()), flush=True)
@@ -763,8 +776,8 @@ def main(argv=None):
     results = {
         "benchmark": NAME,
         "settings": {"repeats": repeats, "warmup": warmup, "threads_torch": threads,
-                     "quick": args.quick, "batch": args.batch, "hidden": args.hidden,
-                     "directions": directions, "loop_chunk": LOOP_CHUNK,
+                     "torch_device": torch_on, "quick": args.quick, "batch": args.batch,
+                     "hidden": args.hidden, "directions": directions, "loop_chunk": LOOP_CHUNK,
                      "slow_seconds": args.slow_seconds, "slow_repeats": SLOW_REPEATS,
                      "seed": args.seed, "dtype": "float32",
                      "classes": CLASSES, "check_tolerance": CHECK_TOL,

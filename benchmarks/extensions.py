@@ -60,6 +60,12 @@ PyTorch, BackPACK and Opacus are the optional ``bench`` extra (``pip install -e
 '.[bench]'``); a peer that cannot be imported is reported as *absent* (its targets not
 met), one that fails while running as *error*, never silently dropped.
 
+On a GPU (JAX's default backend) the same script runs the JAX contenders on the GPU, and
+PyTorch, BackPACK and Opacus too when PyTorch sees CUDA (else on the CPU;
+``benchmarks/peers.py``'s ``torch_device``): models and batch moved there once, outside
+the timed calls, each call waiting for the GPU before the timer reads the clock;
+``settings.torch_device`` in the JSON and the report say where PyTorch ran.
+
     python benchmarks/extensions.py --help
     python benchmarks/extensions.py --quick    # toy sizes, a few repeats (a smoke run)
     python benchmarks/extensions.py            # 784->1024x2->10 at batch 512,
@@ -98,8 +104,9 @@ from _timing import (benchmark_parser, blocking, cost_flops, environment,  # noq
                      interleaved_times, max_rel_diff, memory_stats, mib,
                      numpy_normal, numpy_params, save_results, summarize, table,
                      target_row, targets_table)
-from peers import (CLASSES, CNN_CONFIG, QUICK_CNN_CONFIG, Config, chw_to_hwc_rows,  # noqa: E402
-                   machine, machine_line, make_net, named_weights, torch_inputs)
+from peers import (CLASSES, CNN_CONFIG, QUICK_CNN_CONFIG, Config, backend_label,  # noqa: E402
+                   chw_to_hwc_rows, machine, machine_line, make_net, named_weights,
+                   torch_blocking, torch_device, torch_inputs)
 from peers import torch_model as peers_torch_model  # noqa: E402
 
 NAME = "extensions"
@@ -332,16 +339,20 @@ def library_status(library: str):
 
 
 def torch_model(config, weights):
-    """peers.torch_model: the same network in PyTorch, funcnet's weights copied in."""
+    """peers.torch_model: the same network in PyTorch, funcnet's weights copied in, on
+    :func:`peers.torch_device`."""
     # PyTorch's note that the input x needs no gradient (BackPACK's and Opacus' hooks)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    return peers_torch_model(config, weights)
+    return peers_torch_model(config, weights).to(torch_device())
 
 
 def torch_batch(x_np, y_np):
+    """A numpy batch as PyTorch tensors on :func:`peers.torch_device` (labels int64)."""
     import torch
 
-    return torch.from_numpy(x_np), torch.from_numpy(y_np.astype(np.int64))
+    device = torch_device()
+    return (torch.from_numpy(x_np).to(device),
+            torch.from_numpy(y_np.astype(np.int64)).to(device))
 
 
 def per_leaf_to_funcnet(values, params_structure):
@@ -589,10 +600,11 @@ def run_config(config, names: Sequence[str], statuses, threads: int, repeats: in
                     outputs[name] = _to_numpy(outputs[name])
             else:
                 call, read = TORCH_BUILDERS[name](problem, max_norm)
+                call = torch_blocking(call, torch_device())
                 start = time.perf_counter()
                 call()
                 row["first_call_s"] = time.perf_counter() - start
-                outputs[name] = {k: [t.detach().numpy().copy() for t in v]
+                outputs[name] = {k: [t.detach().cpu().numpy().copy() for t in v]
                                  for k, v in read().items()}
             calls[name] = call
             print(f"    {name}: " + (f"compiled in {row['compile_s']:.1f} s, " if "compile_s" in row
@@ -840,11 +852,12 @@ HEADERS = ["contender", "status", "ms (median)", "IQR ms", "min ms", "/ fnet val
 def report(results) -> str:
     s = results["settings"]
     lines = ["# Per-example gradient quantities: funcnet's extensions against vmap, BackPACK, "
-             "Opacus, jax-privacy (float32, CPU)", "",
+             f"Opacus, jax-privacy (float32, {backend_label(results['machine'])})", "",
              machine_line(results["machine"], results["load_average_end"]), "",
              f"Median over {s['repeats']} interleaved rounds after {s['warmup']} warm-up "
              f"rounds (every contender once per round, in a random order); torch threads "
-             f"{s['threads_torch']}. '/ its funcnet counterpart': the contender's time over "
+             f"{s['threads_torch']}, torch device {s['torch_device'] or 'n/a (not run)'}. "
+             f"'/ its funcnet counterpart': the contender's time over "
              f"that of the funcnet contender computing the same thing (norms: "
              f"{FN_NORMS}; clipped: {FN_CLIPPED}; 3 statistics: {FN_STATS3}; with per-example "
              f"gradients too: {FN_STATS4}; plain: {FN_PLAIN}); > 1: funcnet is faster. "
@@ -923,11 +936,13 @@ def main(argv=None):
     statuses = {library: library_status(library)
                 for library in ("funcnet", "jax", "torch", "backpack", "opacus", "jax-privacy")
                 if library in {BY_NAME[n].library for n in names} | {"funcnet", "jax"}}
+    torch_on = None
     if statuses.get("torch", ("ok",))[0] == "ok" and any(
             BY_NAME[n].library in ("torch", "backpack", "opacus") for n in names):
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the CPU's threads: harmless when PyTorch runs on CUDA
+        torch_on = str(torch_device())
     print(machine_line(m, None), flush=True)
     print("libraries: " + ", ".join(f"{lib} ({status}: {detail})"
                                     for lib, (status, detail) in statuses.items()), flush=True)
@@ -947,8 +962,8 @@ def main(argv=None):
     results = {
         "benchmark": NAME,
         "settings": {"repeats": repeats, "warmup": warmup, "threads_torch": threads,
-                     "quick": args.quick, "seed": args.seed, "dtype": "float32",
-                     "classes": CLASSES, "check_tolerance": CHECK_TOL,
+                     "torch_device": torch_on, "quick": args.quick, "seed": args.seed,
+                     "dtype": "float32", "classes": CLASSES, "check_tolerance": CHECK_TOL,
                      "slow_seconds": args.slow_seconds, "slow_repeats": SLOW_REPEATS,
                      "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
         "environment": environment(),

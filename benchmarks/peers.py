@@ -47,6 +47,12 @@ Equinox, Flax and PyTorch are the optional ``bench`` extra (``pip install -e '.[
 a peer that cannot be imported is reported as *absent* (and its targets as not met), one
 that fails while running as *error*, never silently dropped.
 
+On a GPU (JAX's default backend) the same script runs every contender on the GPU, PyTorch
+too when it sees CUDA (else on the CPU): its model and batches are moved there once,
+outside the timed steps, and each step waits for the GPU (``torch.cuda.synchronize``)
+before the timer reads the clock; ``settings.torch_device`` in the JSON and the report say
+where PyTorch ran. numpy's matmul peak is then the host CPU's, reported as such.
+
 Method: per configuration, every contender is built and called once (the first call, which
 compiles: compile time = first call - steady-state median), then all contenders, plus
 XLA's own matmul of square float32 matrices and an optax Adam update alone, run
@@ -870,15 +876,45 @@ def torch_inputs(config, x):
     return channels_first(x) if config.kind == "cnn" else x
 
 
+def torch_device():
+    """Where the PyTorch contenders run: CUDA when JAX's default backend is a GPU and
+    PyTorch sees CUDA (both sides on the same kind of device), else the CPU."""
+    import torch
+
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def torch_blocking(call, device):
+    """``call`` made to return only once its work is done, as ``jax.block_until_ready``
+    does on the JAX side, so that a timer read after it measures finished work: on CUDA,
+    which runs asynchronously, ``call`` followed by ``torch.cuda.synchronize``; on the CPU,
+    where PyTorch's eager ops are done when they return, ``call`` itself."""
+    if device.type != "cuda":
+        return call
+    import torch
+
+    def blocked():
+        result = call()
+        torch.cuda.synchronize(device)
+        return result
+
+    return blocked
+
+
 def build_torch(net, params, weights, batches, threads: int, config):
+    """The PyTorch step on :func:`torch_device`, the model and batches moved there once."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(threads)
-    model = torch_model(config, weights)
+    torch.set_num_threads(threads)  # the CPU's threads: harmless when the step runs on CUDA
+    device = torch_device()
+    model = torch_model(config, weights).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    next_batch = _cycle([(torch.from_numpy(torch_inputs(config, x)),
-                          torch.from_numpy(y.astype(np.int64))) for x, y in batches])
+    next_batch = _cycle([(torch.from_numpy(torch_inputs(config, x)).to(device),
+                          torch.from_numpy(y.astype(np.int64)).to(device))
+                         for x, y in batches])
 
     def call():
         x, y = next_batch()
@@ -888,7 +924,7 @@ def build_torch(net, params, weights, batches, threads: int, config):
         optimizer.step()
         return loss.detach()
 
-    return call
+    return torch_blocking(call, device)
 
 
 # --- peers that may be absent ---------------------------------------------------------------
@@ -1112,8 +1148,16 @@ def machine() -> Dict[str, Any]:
     except AttributeError:
         usable = os.cpu_count()
     return {"cpu": cpu or platform.machine(), "cpu_count": os.cpu_count(), "usable_cores": usable,
-            "jax_backend": jax.default_backend(), "platform": platform.platform(),
+            "jax_backend": jax.default_backend(), "jax_device_kind": jax.devices()[0].device_kind,
+            "platform": platform.platform(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def backend_label(m: Dict[str, Any]) -> str:
+    """The backend JAX ran on, as the reports' titles name it: "CPU", or e.g.
+    "GPU (NVIDIA H200)"."""
+    backend = m["jax_backend"].upper()
+    return backend if backend == "CPU" else f"{backend} ({m['jax_device_kind']})"
 
 
 def machine_line(m: Dict[str, Any], load_end) -> str:
@@ -1165,8 +1209,11 @@ HEADERS = ["library", "status", "step ms (median)", "IQR ms", "min ms", "time / 
 
 
 def report(results) -> str:
-    lines = ["# Train step against peers (forward + backward + Adam, float32, CPU)", "",
-             machine_line(results["machine"], results["load_average_end"]), "",
+    backend = backend_label(results["machine"])
+    torch_device = results["settings"]["torch_device"]
+    lines = [f"# Train step against peers (forward + backward + Adam, float32, {backend})", "",
+             machine_line(results["machine"], results["load_average_end"])
+             + (f" PyTorch on {torch_device}." if torch_device else ""), "",
              "Median step time over {repeats} rounds after {warmup} warm-up rounds, each "
              "running every contender (in a random order) for {block} consecutive steps, "
              "the first left out (tiny net: {tiny_repeats} rounds of {tiny_block}); "
@@ -1200,16 +1247,24 @@ def report(results) -> str:
     peaks = results["matmul_peaks"]
     best = max(peaks, key=lambda r: r["xla_gflops"])
     best_numpy = max(r["numpy_gflops"] for r in peaks)
+    on_cpu = results["machine"]["jax_backend"] == "cpu"
+    numpy_ = "numpy" if on_cpu else "host CPU numpy"
+    if on_cpu:
+        about_peaks = (f"XLA's CPU matmul peak ({best['xla_gflops']:.3g} GFLOP/s) stands at "
+                       f"{best['xla_gflops'] / best_numpy:.2f}x the best library matmul on "
+                       f"this machine (numpy's, {best_numpy:.3g} GFLOP/s; numpy / XLA = "
+                       f"{best_numpy / best['xla_gflops']:.2f}): a fraction of XLA's peak is "
+                       f"not a fraction of the hardware's.")
+    else:
+        about_peaks = (f"XLA's matmul peak on the {backend}: {best['xla_gflops']:.3g} GFLOP/s; "
+                       f"numpy's ({best_numpy:.3g} GFLOP/s) is the host CPU's, for reference: "
+                       f"the fractions above are of XLA's peak on the {backend}.")
     lines += ["## Matmul peaks (square float32, interleaved)", "",
               table(peaks, ["n", "xla_gflops", "numpy_gflops_default_threads",
                             "numpy_gflops_1_thread", "numpy_over_xla"],
-                    ["n", "XLA jnp.dot GFLOP/s", "numpy np.dot GFLOP/s (default threads)",
-                     "numpy, 1 thread", "best numpy / XLA"]), "",
-              f"XLA's CPU matmul peak ({best['xla_gflops']:.3g} GFLOP/s) stands at "
-              f"{best['xla_gflops'] / best_numpy:.2f}x the best library matmul on this machine "
-              f"(numpy's, {best_numpy:.3g} GFLOP/s; numpy / XLA = "
-              f"{best_numpy / best['xla_gflops']:.2f}): a fraction of XLA's peak is not a "
-              f"fraction of the hardware's.", ""]
+                    ["n", "XLA jnp.dot GFLOP/s", f"{numpy_} np.dot GFLOP/s (default threads)",
+                     f"{numpy_}, 1 thread", f"best {numpy_} / XLA"]), "",
+              about_peaks, ""]
     absent = [r for r in results["rows"] + results["tiny_rows"] if r["status"] != "ok"]
     if absent:
         seen = {}
@@ -1257,6 +1312,8 @@ def main(argv=None):
     for name, module in PEERS:
         if name in names:
             statuses[name] = peer_status(module)
+    torch_on = (str(torch_device()) if statuses.get("torch (eager)", ("absent",))[0] == "ok"
+                else None)
     print(machine_line(m, None), flush=True)
     print("contenders: " + ", ".join(f"{n} ({statuses[n][0]})" for n in names), flush=True)
 
@@ -1284,7 +1341,8 @@ def main(argv=None):
         "settings": {"repeats": repeats, "warmup": warmup, "block": block,
                      "tiny_repeats": tiny_repeats, "tiny_block": tiny_block,
                      "peak_sizes": peak_sizes, "kinds": list(kinds),
-                     "threads_torch": threads, "quick": args.quick, "seed": args.seed,
+                     "threads_torch": threads, "torch_device": torch_on,
+                     "quick": args.quick, "seed": args.seed,
                      "learning_rate": LEARNING_RATE, "optimizer": "adam", "dtype": "float32",
                      "batches_cycled": N_BATCHES,
                      "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
