@@ -22,9 +22,9 @@ from funcnet.nn import (Chain, Dense, Layer, Repeat, Residual, Summary, avg_pool
                         leaky_relu, max_pool, relu, repeat, reshape, residual, self_attention,
                         sigmoid, softplus, summary, tanh)
 from funcnet.train import (DPSGD, FitResult, History, TrainingError, TrainState, accuracy,
-                           data_parallel_mesh, dp_sgd, evaluate, fit, init_train_state,
-                           model_parallel_mesh, param_shardings, privacy_spent, shard_batch,
-                           state_shardings, train_step)
+                           data_parallel_mesh, dp_sgd, evaluate, fit, global_batch,
+                           init_train_state, model_parallel_mesh, param_shardings,
+                           privacy_spent, shard_batch, state_shardings, train_step)
 
 __version__ = "0.1.0"
 
@@ -36,7 +36,7 @@ __all__ = [
     "check_grads", "checkpoint", "clear_caches", "clipped_value_and_grad", "conv", "data",
     "data_parallel_mesh", "dense", "dp_sgd", "DPSGD", "dropout", "embedding", "evaluate",
     "extensions", "fit", "FitResult", "flatten", "gelu", "ggn_vp", "grad", "GradCheckReport",
-    "GradientCheckError", "hessian_sqrt", "History", "hvp", "identity", "init_train_state", "jacobian",
+    "global_batch", "GradientCheckError", "hessian_sqrt", "History", "hvp", "identity", "init_train_state", "jacobian",
     "jacobian_plan", "JacobianPlan", "jvp", "Layer", "layer", "layer_jacobians",
     "layer_norm", "LayerCheck", "LayerError", "leaky_relu", "losses", "max_pool",
     "model_parallel_mesh", "param_shardings", "per_example_grad_norms", "per_example_grads", "privacy_spent", "relu", "repeat",
