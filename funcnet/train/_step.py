@@ -38,13 +38,14 @@ def train_step(net: Layer, loss: Loss, optimizer: optax.GradientTransformation,
     :class:`funcnet.ArgumentError` naming ``state``. With a ``mesh`` (see
     :func:`funcnet.data_parallel_mesh`) the step is data-parallel: state replicated, x and
     y split along the batch over the mesh's devices (place them with
-    :func:`funcnet.shard_batch`). On a mesh with a ``"model"`` axis
-    (:func:`funcnet.model_parallel_mesh`) the state is sharded as
-    :func:`funcnet.param_shardings` says (place it with ``jax.device_put(state,
-    fnet.state_shardings(net, state, mesh))``, or the first step moves it). ``remat`` is the backward pass's memory policy
-    ("keep", "sqrt" or "recompute"; see :func:`funcnet.value_and_grad`). ``key`` reaches
-    the net's stochastic layers (dropout): required when it holds one (a
-    :class:`~funcnet.LayerError` names the layer), and a new one every step. Example::
+    :func:`funcnet.global_batch`, or :func:`funcnet.shard_batch` from each process's own
+    rows). On a mesh with a ``"model"`` axis (:func:`funcnet.model_parallel_mesh`) the
+    state is sharded as :func:`funcnet.state_shardings` says (place it with
+    ``jax.device_put(state, fnet.state_shardings(net, state, mesh))``, or the first step
+    moves it). ``remat`` is the backward pass's memory policy ("keep", "sqrt" or
+    "recompute"; see :func:`funcnet.value_and_grad`). ``key`` reaches the net's stochastic
+    layers (dropout): required when it holds one (a :class:`~funcnet.LayerError` names the
+    layer), and a new one every step. Example::
 
         step = fnet.train_step(net, fnet.losses.softmax_cross_entropy, optax.adam(1e-3))
         state = fnet.init_train_state(params, optax.adam(1e-3))
