@@ -2,6 +2,7 @@
 raises; dtype promotion strict, per test) so that silent broadcasting or dtype promotion
 inside funcnet fails loudly."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,14 @@ from hypothesis import HealthCheck, settings
 
 # the shared helpers (exactness, strategies, scripts) import by name from every test folder
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scripts import FAST_COMPILE  # noqa: E402
+
+# Cheaper XLA compiles for every test and every process a test starts (they inherit the
+# environment): LLVM's cheap pipeline, about a quarter off the suite's time, most of which
+# is compiling. Set before the first computation starts the backend. The tests assert
+# values, shapes and the structure of compiled programs (FLOPs, memory), never timings.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -44,14 +44,12 @@ def experiment_outputs(folder: Path, *pngs: str):
     return results
 
 
-# Quicker XLA compiles for the benchmarks' smoke runs (about half the compile time of the
-# toy steps, which is most of those tests' time): they assert agreement and structure,
-# never timings.
+# Quicker XLA compiles (about half the compile time of small programs, which is most of the
+# tests' time): every test runs with them (conftest.py), so do the processes tests start.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def fast_compile_env():
-    """The environment of a benchmark's smoke run: this one, on the CPU, with
-    :data:`FAST_COMPILE` added to XLA_FLAGS."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
+def cpu_env():
+    """The environment of a benchmark's or script's smoke run: this one (with
+    :data:`FAST_COMPILE`, which conftest.py adds), on the CPU."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}

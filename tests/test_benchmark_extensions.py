@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from scripts import BENCHMARKS, fast_compile_env, load_script  # noqa: E402
+from scripts import BENCHMARKS, cpu_env, load_script  # noqa: E402
 
 SCRIPT = BENCHMARKS / "extensions.py"
 FUNCNET_ROWS = {"fnet per_example_grad_norms", "fnet clipped_value_and_grad",
@@ -74,7 +74,7 @@ def _run(tmp_path, args, blocked=()):
     done = subprocess.run(
         [sys.executable, "-c", code, "--quick", "--repeats", "2", "--warmup", "0",
          "--results", str(tmp_path), *args],
-        capture_output=True, text=True, timeout=300, env=fast_compile_env())
+        capture_output=True, text=True, timeout=300, env=cpu_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "extensions.json").read_text())
     markdown = (tmp_path / "extensions.md").read_text()

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from scripts import BENCHMARKS, fast_compile_env, load_script  # noqa: E402
+from scripts import BENCHMARKS, cpu_env, load_script  # noqa: E402
 
 
 
@@ -82,7 +82,7 @@ def _run_peers(tmp_path, args, block_torch=False):
             f"runpy.run_path({str(BENCHMARKS / 'peers.py')!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code, *args, "--results", str(tmp_path)],
                           capture_output=True, text=True, timeout=300,
-                          env=fast_compile_env())
+                          env=cpu_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Machine:" in done.stdout and "| library |" in done.stdout
     return _written(tmp_path, "peers")

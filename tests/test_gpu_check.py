@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from scripts import BENCHMARKS, fast_compile_env
+from scripts import BENCHMARKS, cpu_env
 
 SCRIPT = BENCHMARKS / "gpu_check.py"
 TESTS = "tests/nn/test_summary.py"  # five tests, a few seconds
@@ -17,7 +17,7 @@ def _run(tmp_path, *args):
     """The script in a fresh process on the CPU (quick XLA compiles), its report in
     ``tmp_path``: (the finished process, the JSON report)."""
     done = subprocess.run([sys.executable, str(SCRIPT), *args, "--results", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=fast_compile_env())
+                          capture_output=True, text=True, timeout=300, env=cpu_env())
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes
     return done, report
