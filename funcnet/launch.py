@@ -187,13 +187,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("script", help="the Python script every process runs")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
     options = parser.parse_args(argv)
-    if options.processes < 1 or options.devices_per_process < 1:
-        parser.error("--processes and --devices-per-process must be at least 1")
-    if not Path(options.script).is_file():
-        parser.error(f"no script at {options.script}")
-    return launch(options.script, options.args, processes=options.processes,
-                  devices_per_process=options.devices_per_process, timeout=options.timeout,
-                  port=options.port)
+    try:  # (launch checks the counts and the script before it starts anything)
+        return launch(options.script, options.args, processes=options.processes,
+                      devices_per_process=options.devices_per_process,
+                      timeout=options.timeout, port=options.port)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

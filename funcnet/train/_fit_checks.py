@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from funcnet._arguments import (check_array, check_bool, check_float_leaves, check_int,
                                 check_key)
 from funcnet._errors import ArgumentError, LayerError, shape_str
+from funcnet._processes import several
 from funcnet.ad._inputs import check_layer, check_loss, check_targets, output_struct
 from funcnet.ad._walk import Walk
 from funcnet.train._parallel import check_divisible
@@ -107,9 +108,9 @@ def _check_batch_of_targets(argument: str, y, n: int, inputs: str) -> None:
 
 def _check_processes(mesh) -> None:
     """In a run of several processes fit needs a mesh with devices of every process."""
-    processes = jax.process_count()
-    if processes == 1:
+    if not several():
         return
+    processes = jax.process_count()
     if mesh is None:
         raise ArgumentError("mesh", f"this run has {processes} processes (jax.distributed), "
                                     f"so fit needs a mesh over all their devices: pass "
